@@ -1,0 +1,41 @@
+# openrealtime — two commands: `make serve` (offline default models) and `make test` (everything).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+MODEL  ?= qwen2.5-1.5b
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+# The tests run on the tiny SmolLM2 so that CI stays fast on 2 CPU cores.
+TEST_MODELS ?= smollm2-135m
+
+.PHONY: install serve test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Installs the package and its test tools; re-runs only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(BIN)/openrealtime models install $(MODEL)
+	$(BIN)/openrealtime serve --host $(HOST) --port $(PORT) --model $(MODEL)
+
+lint: install
+	$(BIN)/ruff check src tests bench
+
+test: install
+	$(BIN)/openrealtime models install $(TEST_MODELS)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/python -m pytest -p no:cacheprovider -ra
+
+bench: install
+	$(BIN)/openrealtime models install smollm2-135m qwen2.5-0.5b
+	$(BIN)/python bench/text_latency.py --models smollm2-135m qwen2.5-0.5b
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache test-artifacts bench/results

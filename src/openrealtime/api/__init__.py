@@ -1,0 +1,1 @@
+"""HTTP and WebSocket surface: FastAPI app factory, routes, auth, error shapes."""

@@ -1,0 +1,59 @@
+"""FastAPI app factory: wires settings, backends and the engine context to the routes."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+
+from ..backends.registry import LLMRegistry
+from ..config import Settings
+from ..engine import EngineContext
+from ..transports.webrtc import CallManager
+from .auth import KeyChecker, require_key
+from .calls import router as calls_router
+from .errors import install_error_handlers
+from .realtime_ws import router as ws_router
+
+log = logging.getLogger("openrealtime")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app; models load lazily on first use (or eagerly with `preload`)."""
+    llm = LLMRegistry(settings)
+    ctx = EngineContext(
+        resolve_llm=llm.resolve,
+        default_model=settings.llm_model,
+        default_instructions=settings.default_instructions,
+        session_ttl_s=settings.session_ttl_s,
+        max_event_bytes=settings.max_event_bytes,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            yield
+        finally:
+            await app.state.calls.close()
+            await llm.close()
+
+    app = FastAPI(title="openrealtime", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.keys = KeyChecker(settings.api_keys)
+    app.state.llm = llm
+    app.state.engine = ctx
+    app.state.calls = CallManager(settings, ctx)
+    install_error_handlers(app)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def models() -> dict:
+        return {"object": "list", "data": llm.available_models()}
+
+    app.include_router(calls_router)
+    app.include_router(ws_router)
+    return app

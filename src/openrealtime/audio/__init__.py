@@ -1,0 +1,1 @@
+"""Audio helpers: codecs and buffers (pure functions, no I/O)."""

@@ -1,0 +1,1 @@
+"""Model backends behind small async protocols; one module per implementation."""

@@ -1,0 +1,78 @@
+"""The LLM protocol the engine talks to, and the registry that picks an implementation by name."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+
+@dataclass(slots=True)
+class ChatMessage:
+    """One chat turn in OpenAI chat-completions shape (tools arrive with a later issue)."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+@dataclass(slots=True)
+class GenerationParams:
+    temperature: float = 0.8
+    # None = as many as fit in the context.
+    max_tokens: int | None = None
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class TextDelta:
+    """A piece of generated text (UTF-8 complete: never half a multibyte character)."""
+
+    text: str
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # Prompt tokens served from the KV cache instead of being evaluated again.
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Finished:
+    """Always the last item of a stream."""
+
+    finish_reason: Literal["stop", "length"]
+    usage: Usage = field(default_factory=Usage)
+
+
+LLMEvent = TextDelta | Finished
+
+
+class LLMError(Exception):
+    """A backend failure the engine reports as a failed response (the session goes on)."""
+
+    def __init__(self, message: str, code: str = "llm_error", details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.details = details or {}
+
+
+@runtime_checkable
+class LLMBackend(Protocol):
+    """Streams a chat completion.
+
+    Closing the iterator early (``aclose()``, task cancellation) must stop generation promptly and
+    free the model for the next request; implementations must never block the event loop.
+    """
+
+    name: str
+    context_length: int
+
+    def stream(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[LLMEvent]: ...
+
+    async def count_tokens(self, messages: list[ChatMessage]) -> int: ...
+
+    async def close(self) -> None: ...

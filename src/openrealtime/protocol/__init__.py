@@ -1,0 +1,1 @@
+"""Pydantic models of the wire protocol: session config, items, client and server events. No I/O."""

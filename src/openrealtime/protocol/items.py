@@ -1,0 +1,91 @@
+"""Conversation items and their content parts, validated per item type and role."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ItemStatus = Literal["completed", "incomplete", "in_progress"]
+
+_PART_TYPES_BY_ROLE = {
+    "system": {"input_text"},
+    "user": {"input_text", "input_audio", "input_image"},
+    "assistant": {"output_text", "output_audio"},
+}
+# Beta-era / spec-document aliases accepted from clients, stored under the GA names.
+_PART_ALIASES = {"text": "output_text", "audio": "output_audio"}
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["input_text", "input_audio", "input_image", "output_text", "output_audio", "text", "audio"]
+    text: str | None = None
+    audio: str | None = None
+    transcript: str | None = None
+    image_url: str | None = None
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class Item(BaseModel):
+    """A conversation item: message, function_call or function_call_output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(None, min_length=1, max_length=64)
+    type: Literal["message", "function_call", "function_call_output"]
+    object: Literal["realtime.item"] | None = None
+    status: ItemStatus | None = None
+    role: Literal["system", "user", "assistant"] | None = None
+    content: list[ContentPart] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> Item:
+        if self.type == "message":
+            if self.role is None:
+                raise ValueError("message items need a role: 'system', 'user' or 'assistant'")
+            if self.content is None:
+                raise ValueError("message items need a content array")
+            allowed = _PART_TYPES_BY_ROLE[self.role]
+            for i, part in enumerate(self.content):
+                if part.type in _PART_ALIASES and self.role == "assistant":
+                    part.type = _PART_ALIASES[part.type]  # type: ignore[assignment]
+                if part.type not in allowed:
+                    raise ValueError(
+                        f"content[{i}].type '{part.type}' is not allowed for role '{self.role}'; "
+                        f"use one of {sorted(allowed)}"
+                    )
+                if part.type in ("input_text", "output_text") and part.text is None:
+                    raise ValueError(f"content[{i}] of type '{part.type}' needs 'text'")
+            for field in ("call_id", "name", "arguments", "output"):
+                if getattr(self, field) is not None:
+                    raise ValueError(f"'{field}' is not valid on message items")
+        else:
+            if self.role is not None or self.content is not None:
+                raise ValueError(f"'{self.type}' items take no role or content")
+            if not self.call_id:
+                raise ValueError(f"'{self.type}' items need a call_id")
+            if self.type == "function_call" and (self.name is None or self.arguments is None):
+                raise ValueError("function_call items need 'name' and 'arguments'")
+            if self.type == "function_call_output" and self.output is None:
+                raise ValueError("function_call_output items need 'output'")
+        return self
+
+    def wire(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude_none=True)
+        data["object"] = "realtime.item"
+        return data
+
+    def text_for_model(self) -> str:
+        """What the LLM sees of this message: text, or the transcript of audio."""
+        out = []
+        for part in self.content or []:
+            value = part.text if part.type in ("input_text", "output_text") else part.transcript
+            if value:
+                out.append(value)
+        return "".join(out) if self.role == "assistant" else "\n".join(out)

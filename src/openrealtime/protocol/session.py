@@ -1,0 +1,189 @@
+"""The session object (GA Realtime shape) with the value ranges the server enforces.
+
+Models are strict about unknown fields (``extra="forbid"``) so a typo in a client's
+``session.update`` is reported with its exact ``param`` instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Modality = Literal["text", "audio"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AudioFormat(_Model):
+    type: Literal["audio/pcm", "audio/pcmu", "audio/pcma"] = "audio/pcm"
+    rate: Literal[24000] | None = None
+
+    @model_validator(mode="after")
+    def _rate(self) -> AudioFormat:
+        # PCM is always 24 kHz; G.711 is always 8 kHz and carries no rate field on the wire.
+        if self.type == "audio/pcm":
+            object.__setattr__(self, "rate", 24000)
+        elif self.rate is not None:
+            object.__setattr__(self, "rate", None)
+        return self
+
+    @property
+    def sample_rate(self) -> int:
+        return 24000 if self.type == "audio/pcm" else 8000
+
+
+class NoiseReduction(_Model):
+    type: Literal["near_field", "far_field"]
+
+
+class Transcription(_Model):
+    model: str | None = None
+    language: str | None = None
+    prompt: str | None = None
+
+
+class ServerVad(_Model):
+    type: Literal["server_vad"] = "server_vad"
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    prefix_padding_ms: int = Field(300, ge=0, le=10_000)
+    silence_duration_ms: int = Field(500, ge=0, le=10_000)
+    create_response: bool = True
+    interrupt_response: bool = True
+    idle_timeout_ms: int | None = Field(None, ge=5_000, le=30_000)
+
+
+class SemanticVad(_Model):
+    type: Literal["semantic_vad"] = "semantic_vad"
+    eagerness: Literal["low", "medium", "high", "auto"] = "auto"
+    create_response: bool = True
+    interrupt_response: bool = True
+
+
+TurnDetection = Annotated[ServerVad | SemanticVad, Field(discriminator="type")]
+
+
+class AudioInput(_Model):
+    format: AudioFormat = Field(default_factory=AudioFormat)
+    noise_reduction: NoiseReduction | None = None
+    transcription: Transcription | None = None
+    turn_detection: TurnDetection | None = Field(default_factory=ServerVad)
+
+
+class AudioOutput(_Model):
+    format: AudioFormat = Field(default_factory=AudioFormat)
+    voice: str = "alloy"
+    speed: float = Field(1.0, ge=0.25, le=1.5)
+    model: str | None = None
+
+
+class AudioConfig(_Model):
+    input: AudioInput = Field(default_factory=AudioInput)
+    output: AudioOutput = Field(default_factory=AudioOutput)
+
+
+class FunctionTool(_Model):
+    type: Literal["function"] = "function"
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolChoiceFunction(_Model):
+    type: Literal["function"]
+    name: str
+
+
+class ToolChoiceMcp(_Model):
+    type: Literal["mcp"]
+    server_label: str
+    name: str | None = None
+
+
+ToolChoice = (
+    Literal["auto", "none", "required"]
+    | Annotated[ToolChoiceFunction | ToolChoiceMcp, Field(discriminator="type")]
+)
+
+
+class TokenLimits(_Model):
+    post_instructions: int | None = Field(None, ge=1)
+
+
+class RetentionRatio(_Model):
+    type: Literal["retention_ratio"]
+    retention_ratio: float = Field(ge=0.0, le=1.0)
+    token_limits: TokenLimits | None = None
+
+
+class TracingConfig(_Model):
+    workflow_name: str | None = None
+    group_id: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+MaxTokens = Annotated[int, Field(ge=1, le=4096)] | Literal["inf"]
+
+
+class SessionConfig(_Model):
+    """The effective configuration of a realtime session, as echoed in session.created/updated."""
+
+    type: Literal["realtime"] = "realtime"
+    object: Literal["realtime.session"] = "realtime.session"
+    id: str = ""
+    model: str = ""
+    instructions: str = ""
+    output_modalities: list[Modality] = Field(default_factory=lambda: ["audio"], min_length=1)
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    max_output_tokens: MaxTokens = "inf"
+    audio: AudioConfig = Field(default_factory=AudioConfig)
+    tools: list[FunctionTool] = Field(default_factory=list)
+    tool_choice: ToolChoice = "auto"
+    truncation: Literal["auto", "disabled"] | RetentionRatio = "auto"
+    tracing: Literal["auto"] | TracingConfig | None = None
+    include: list[Literal["item.input_audio_transcription.logprobs"]] | None = None
+    expires_at: int = 0
+    # Accepted for compatibility with clients that send them; not used by local models.
+    prompt: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("output_modalities")
+    @classmethod
+    def _dedupe(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+    def wire(self) -> dict[str, Any]:
+        """JSON shape sent to clients (None-valued optional fields omitted)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        # `tracing: null` and `noise_reduction` / `transcription` / `turn_detection: null` are
+        # meaningful, so keep them explicit.
+        data["tracing"] = self.model_dump(mode="json")["tracing"]
+        audio_in = data["audio"]["input"]
+        for key in ("noise_reduction", "transcription", "turn_detection"):
+            audio_in.setdefault(key, None)
+        return data
+
+
+# Fields a client may send back unchanged but never change.
+READ_ONLY_FIELDS = ("id", "object", "expires_at")
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Merge a partial `session.update` into the current session dict.
+
+    Nested objects merge key by key, except that a turn_detection of a new type replaces the old
+    one whole (its fields differ per type) and an explicit null always clears.
+    """
+    out = dict(base)
+    for key, value in update.items():
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            if "type" in value and value.get("type") != old.get("type"):
+                out[key] = value
+            else:
+                out[key] = deep_merge(old, value)
+        else:
+            out[key] = value
+    return out

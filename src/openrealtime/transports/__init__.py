@@ -1,0 +1,1 @@
+"""Adapters from a connection (WebRTC peer, WebSocket) to a RealtimeSession."""

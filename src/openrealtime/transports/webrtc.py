@@ -1,0 +1,565 @@
+"""WebRTC transport: one aiortc peer connection per call, adapted to a RealtimeSession.
+
+A call is an SDP offer/answer exchange (`CallManager.create_call`), then JSON events over the
+client-created `oai-events` data channel and audio over the media track. Everything a call starts
+(tasks, the peer connection, the session) is owned by its `Call` and torn down in one place,
+`Call._close`, whatever ended it: hangup, ICE/DTLS failure, the data channel closing, the session
+closing, a peer that never connects, or server shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fractions
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import av
+from aioice import Candidate, Connection
+from aioice.candidate import candidate_foundation
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc import sdp as aiortc_sdp
+from aiortc.exceptions import InternalError, InvalidAccessError, InvalidStateError, OperationError
+from aiortc.mediastreams import MediaStreamError
+
+from ..config import IceConfig, Settings
+from ..engine import EngineContext, InvalidSessionConfig, RealtimeSession
+
+log = logging.getLogger("openrealtime.webrtc")
+
+EVENTS_CHANNEL = "oai-events"
+# Real offers are a few KiB (Chrome with every codec: ~10 KiB); anything far larger is abuse.
+MAX_OFFER_BYTES = 256 * 1024
+# Stop pulling events from the session while this much is unsent, so a client that stops
+# reading cannot make us buffer without bound.
+_SEND_HIGH_WATER = 1024 * 1024
+_SEND_LOW_WATER = 256 * 1024
+
+__all__ = [
+    "EVENTS_CHANNEL",
+    "Call",
+    "CallManager",
+    "InvalidOffer",
+    "InvalidSessionConfig",
+    "ShuttingDown",
+    "SilenceTrack",
+    "build_ice_servers",
+    "parse_offer",
+    "turn_rest_credentials",
+]
+
+
+class InvalidOffer(ValueError):
+    """The client's SDP offer cannot start a call (the HTTP layer answers 400)."""
+
+
+class ShuttingDown(RuntimeError):
+    """The manager is closing: new calls are refused (the HTTP layer answers 503)."""
+
+
+# --------------------------------------------------------------------------- offer validation
+
+
+def parse_offer(offer_sdp: str) -> aiortc_sdp.SessionDescription:
+    """Reject what aiortc would silently accept (it parses any text into an empty description)."""
+    if not isinstance(offer_sdp, str) or not offer_sdp.strip():
+        raise InvalidOffer("The SDP offer is empty.")
+    if len(offer_sdp.encode()) > MAX_OFFER_BYTES:
+        raise InvalidOffer(f"The SDP offer is larger than {MAX_OFFER_BYTES} bytes.")
+    text = offer_sdp.strip()
+    if not text.startswith("v=0"):
+        raise InvalidOffer("Not an SDP offer: it must start with 'v=0'.")
+    try:
+        desc = aiortc_sdp.SessionDescription.parse(text + "\r\n")
+    except Exception as exc:  # the parser raises assorted errors on malformed lines
+        raise InvalidOffer(f"Unparseable SDP offer: {exc}") from exc
+    kinds = {m.kind for m in desc.media}
+    if not kinds & {"audio", "application"}:
+        raise InvalidOffer("The SDP offer has no audio or data channel (m=application) section.")
+    for media in desc.media:
+        if not (media.ice and media.ice.usernameFragment and media.ice.password):
+            raise InvalidOffer(f"The SDP offer's {media.kind} section lacks ice-ufrag/ice-pwd.")
+        if not (media.dtls and media.dtls.fingerprints):
+            raise InvalidOffer(f"The SDP offer's {media.kind} section lacks a DTLS fingerprint.")
+    return desc
+
+
+# --------------------------------------------------------------------------- ICE servers
+
+
+def turn_rest_credentials(
+    secret: str, ttl_s: int, *, now: float | None = None, user_id: str | None = None
+) -> tuple[str, str]:
+    """Time-limited TURN credentials that coturn (`use-auth-secret`) verifies without a user DB.
+
+    username = "<expiry unix time>:<id>", credential = base64(HMAC-SHA1(secret, username)).
+    """
+    expiry = int(now if now is not None else time.time()) + int(ttl_s)
+    username = f"{expiry}:{user_id or uuid.uuid4()}"
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return username, base64.b64encode(digest).decode()
+
+
+def build_ice_servers(ice: IceConfig, *, now: float | None = None) -> list[dict[str, Any]]:
+    """The `ice_servers` list clients hand to their RTCPeerConnection.
+
+    TURN URLs are only listed when a shared secret is configured: browsers reject a `turn:` entry
+    without username/credential, so listing it bare would break the client's peer connection.
+    """
+    servers: list[dict[str, Any]] = []
+    if ice.stun_urls:
+        servers.append({"urls": list(ice.stun_urls)})
+    if ice.turn_urls and ice.turn_secret:
+        username, credential = turn_rest_credentials(ice.turn_secret, ice.turn_ttl_s, now=now)
+        servers.append({"urls": list(ice.turn_urls), "username": username, "credential": credential})
+    return servers
+
+
+# --------------------------------------------------------------------------- host candidates
+#
+# aioice (under aiortc) gathers host candidates from the machine's interfaces and skips
+# 127.0.0.1, so a server that only offers those cannot be reached by a client on the same host
+# without a network, and behind 1:1 NAT it advertises private addresses nobody can reach.
+# aioice's `Connection.gather_candidates()` obtains the interface list and then calls
+# `self.get_component_candidates(component=..., addresses=...)`, which binds one UDP socket per
+# address. We wrap that method on each Connection instance (never the class, never aioice's
+# module globals), between setRemoteDescription (which creates the ICE transports) and
+# setLocalDescription (which gathers), so that it binds the configured addresses instead.
+# Addresses not assigned to this host (a public IP behind 1:1 NAT) are served by a socket on the
+# wildcard address whose candidate is rewritten to advertise the public IP with the same port.
+
+
+def _bindable(address: str) -> bool:
+    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
+class HostAddressPlan:
+    """Which addresses our ICE agent binds and advertises as host candidates."""
+
+    def __init__(self, addresses: list[str], gather_interfaces: bool):
+        local: list[str] = []
+        mapped: list[str] = []
+        for raw in addresses:
+            try:
+                ip = ipaddress.ip_address(raw.strip())
+            except ValueError as exc:
+                raise ValueError(f"ice.addresses: {raw!r} is not an IP address") from exc
+            if ip.is_unspecified:
+                raise ValueError(f"ice.addresses: {raw!r} cannot be advertised to a peer")
+            (local if _bindable(str(ip)) else mapped).append(str(ip))
+        if not local and not mapped and not gather_interfaces:
+            raise ValueError("ice.addresses is empty and ice.gather_interfaces is off: "
+                             "WebRTC calls would have no ICE candidates")
+        self.local = list(dict.fromkeys(local))
+        self.mapped = list(dict.fromkeys(mapped))
+        self.gather_interfaces = gather_interfaces
+
+    def install(self, connection: Connection) -> None:
+        """Make `connection` gather candidates on our addresses (see the comment above)."""
+        original = connection.get_component_candidates
+        plan = self
+
+        async def get_component_candidates(
+            component: int, addresses: list[str], timeout: int = 5
+        ) -> list[Candidate]:
+            wanted = [*plan.local, *(addresses if plan.gather_interfaces else [])]
+            candidates = await original(
+                component=component, addresses=list(dict.fromkeys(wanted)), timeout=timeout
+            )
+            for public in plan.mapped:
+                wildcard = "::" if ipaddress.ip_address(public).version == 6 else "0.0.0.0"
+                extra = await original(component=component, addresses=[wildcard], timeout=timeout)
+                for cand in extra:
+                    if cand.type == "host":
+                        # Same object as the socket's `protocol.local_candidate`: checks on the
+                        # pair then name the public address the peer actually used.
+                        cand.host = public
+                        cand._network_host = public
+                        cand.foundation = candidate_foundation("host", "udp", public)
+                candidates += extra
+            return candidates
+
+        connection.get_component_candidates = get_component_candidates  # type: ignore[method-assign]
+
+    def apply(self, pc: RTCPeerConnection) -> None:
+        """Install on every ICE connection `pc` has after setRemoteDescription (bundled or not)."""
+        dtls_transports = [t.receiver.transport for t in pc.getTransceivers()]
+        if pc.sctp is not None:
+            dtls_transports.append(pc.sctp.transport)
+        seen: set[int] = set()
+        for dtls in dtls_transports:
+            gatherer = dtls.transport.iceGatherer
+            if id(gatherer) in seen or gatherer.state != "new":
+                continue
+            seen.add(id(gatherer))
+            self.install(gatherer._connection)
+
+
+# --------------------------------------------------------------------------- media
+
+
+class SilenceTrack(MediaStreamTrack):
+    """Outgoing audio: 20 ms frames of 48 kHz mono silence, paced in real time.
+
+    A placeholder so `sendrecv` offers get a real sending track; the audio pipeline replaces it.
+    """
+
+    kind = "audio"
+    RATE = 48_000
+    SAMPLES = 960  # 20 ms
+    _TIME_BASE = fractions.Fraction(1, RATE)
+    _ZEROS = bytes(SAMPLES * 2)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pts = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        loop = asyncio.get_running_loop()
+        if self._start is None:
+            self._start = loop.time()
+        else:
+            delay = self._start + self._pts / self.RATE - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -0.2:  # the loop stalled: re-anchor instead of bursting to catch up
+                self._start = loop.time() - self._pts / self.RATE
+        frame = av.AudioFrame(format="s16", layout="mono", samples=self.SAMPLES)
+        frame.planes[0].update(self._ZEROS)
+        frame.sample_rate = self.RATE
+        frame.pts = self._pts
+        frame.time_base = self._TIME_BASE
+        self._pts += self.SAMPLES
+        return frame
+
+
+# --------------------------------------------------------------------------- calls
+
+
+def new_call_id() -> str:
+    return f"rtc_{secrets.token_hex(12)}"
+
+
+class Call:
+    """One WebRTC call: a peer connection bridged to one RealtimeSession."""
+
+    def __init__(self, manager: CallManager, session: RealtimeSession, model: str | None):
+        self.id = new_call_id()
+        self.session = session
+        self.model = model
+        self.answer_sdp = ""
+        self.created_at = time.monotonic()
+        self.end_reason: str | None = None
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: see CallManager
+        self.outgoing_audio: MediaStreamTrack | None = None
+        self.channel: RTCDataChannel | None = None
+        self.ended = asyncio.Event()  # set once everything is torn down
+        self._manager = manager
+        self._started = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._channel_open = asyncio.Event()
+        self._send_ready = asyncio.Event()
+        self._send_ready.set()
+        self._inbound: asyncio.Queue[str | bytes] = asyncio.Queue()
+        self.pc.on("track", self._on_track)
+        self.pc.on("datachannel", self._on_datachannel)
+        self.pc.on("connectionstatechange", self._on_connection_state)
+        self.pc.on("iceconnectionstatechange", self._on_ice_state)
+
+    # ---- lifecycle
+
+    @property
+    def closed(self) -> bool:
+        return self._closing is not None
+
+    async def _negotiate(self, offer_sdp: str) -> None:
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        except (ValueError, OperationError, InvalidAccessError, InvalidStateError, InternalError) as exc:
+            raise InvalidOffer(f"The SDP offer was rejected: {exc}") from exc
+        # Answer `sendrecv` audio with a real track, on the first audio m-line only (one voice).
+        # addTrack would create a new transceiver when the offer has no audio: check first.
+        if any(t.kind == "audio" for t in self.pc.getTransceivers()):
+            self.outgoing_audio = self._manager.outgoing_audio_factory()
+            self.pc.addTrack(self.outgoing_audio)
+        self._manager.address_plan.apply(self.pc)
+        try:
+            answer = await self.pc.createAnswer()
+        except (ValueError, OperationError, InvalidAccessError, InvalidStateError, InternalError) as exc:
+            raise InvalidOffer(f"Cannot answer the SDP offer: {exc}") from exc
+        # aiortc gathers every candidate inside setLocalDescription (no trickle), so the answer
+        # we return is complete.
+        await self.pc.setLocalDescription(answer)
+        self.answer_sdp = self.pc.localDescription.sdp
+
+    def _run(self) -> None:
+        self._started = True
+        self._spawn(self._pump_events(), "pump")
+        self._spawn(self._read_events(), "reader")
+        self._spawn(self._connect_watchdog(self._manager.connect_timeout_s), "watchdog")
+
+    def request_close(self, reason: str) -> None:
+        """Start tearing the call down; safe from callbacks and from the call's own tasks."""
+        if self._closing is not None:
+            return
+        self.end_reason = reason
+        self._closing = asyncio.get_running_loop().create_task(self._close(), name=f"{self.id}:close")
+        self._manager._track_closer(self._closing)
+
+    async def close(self, reason: str = "closed") -> None:
+        """End the call and wait until it is fully torn down."""
+        self.request_close(reason)
+        assert self._closing is not None
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        self._manager._calls.pop(self.id, None)
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await self.session.close()
+        except Exception:
+            log.exception("call %s: closing the session failed", self.id)
+        try:
+            await self.pc.close()
+        except Exception:
+            log.exception("call %s: closing the peer connection failed", self.id)
+        if self.outgoing_audio is not None:
+            self.outgoing_audio.stop()
+        if self._started:
+            log.info("call %s ended (%s) after %.1f s", self.id, self.end_reason,
+                     time.monotonic() - self.created_at)
+        self.ended.set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.id}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("call %s: task %s crashed", self.id, task.get_name(), exc_info=exc)
+            self.request_close(f"internal error in {task.get_name()}")
+
+    # ---- peer connection events (synchronous: they run inside aiortc's emit)
+
+    def _on_connection_state(self) -> None:
+        state = self.pc.connectionState
+        if state == "connected":
+            self._connected.set()
+            log.info("call %s connected", self.id)
+        elif state in ("failed", "closed"):
+            self.request_close(f"connection {state}")
+
+    def _on_ice_state(self) -> None:
+        if self.pc.iceConnectionState in ("failed", "closed"):
+            self.request_close(f"ICE {self.pc.iceConnectionState}")
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        self._spawn(self._consume_track(track), f"track-{track.kind}")
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label != EVENTS_CHANNEL:
+            log.info("call %s: ignoring data channel %r", self.id, channel.label)
+            return
+        if self.channel is not None:
+            log.warning("call %s: ignoring a second %r data channel", self.id, EVENTS_CHANNEL)
+            return
+        self.channel = channel
+        # Handlers are attached synchronously, inside aiortc's emit, before any message arrives.
+        channel.on("message", self._inbound.put_nowait)
+        channel.on("close", lambda: self.request_close("data channel closed"))
+        channel.bufferedAmountLowThreshold = _SEND_LOW_WATER
+        channel.on("bufferedamountlow", self._send_ready.set)
+        if channel.readyState == "open":
+            self._channel_open.set()
+        else:
+            channel.on("open", self._channel_open.set)
+
+    # ---- tasks
+
+    async def _pump_events(self) -> None:
+        """Session outbox -> data channel, in order; waits (keeping events) until the channel opens."""
+        while True:
+            event = await self.session.outbox.get()
+            if event is None:
+                self.request_close("session closed")
+                return
+            await self._channel_open.wait()
+            channel = self.channel
+            if channel is None or channel.readyState != "open":
+                self.request_close("data channel closed")
+                return
+            channel.send(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+            if channel.bufferedAmount > _SEND_HIGH_WATER:
+                self._send_ready.clear()
+                await self._send_ready.wait()
+
+    async def _read_events(self) -> None:
+        """Data channel -> session, one event at a time so their order is kept."""
+        while True:
+            raw = await self._inbound.get()
+            try:
+                await self.session.handle_text(raw)
+            except Exception:  # the engine reports bad input as error events; this is a bug
+                log.exception("call %s: session failed to handle an event", self.id)
+
+    async def _consume_track(self, track: MediaStreamTrack) -> None:
+        """Pull the caller's frames so aiortc never stalls; frames go to `_on_audio_frame`."""
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                if track.kind == "audio":
+                    await self._on_audio_frame(frame)
+
+    async def _on_audio_frame(self, frame: av.AudioFrame) -> None:
+        """Caller audio (48 kHz Opus decoded by aiortc). Dropped until the audio pipeline lands."""
+
+    async def _connect_watchdog(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("call %s: peer did not connect within %g s", self.id, timeout_s)
+            self.request_close("connect timeout")
+
+
+class CallManager:
+    """Owns every live call, so hangup, sidebands and shutdown can find and end them.
+
+    Our own ICE agent uses no STUN/TURN: it offers host candidates on `ice.addresses` (a public IP
+    behind 1:1 NAT is advertised on a wildcard socket) plus, optionally, the interfaces. The
+    configured STUN/TURN servers are for clients (`ice_servers()`); a client behind NAT reaches
+    our public host candidate through them.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        ctx: EngineContext,
+        *,
+        connect_timeout_s: float = 30.0,
+        session_factory: Callable[..., RealtimeSession] = RealtimeSession,
+    ):
+        self.settings = settings
+        self.ctx = ctx
+        self.connect_timeout_s = connect_timeout_s
+        # Builds each call's session; tests substitute a scripted one to exercise the transport alone.
+        self.session_factory = session_factory
+        self.address_plan = HostAddressPlan(settings.ice.addresses, settings.ice.gather_interfaces)
+        # Seam for the audio pipeline: builds the track each call sends to the client.
+        self.outgoing_audio_factory: Callable[[], MediaStreamTrack] = SilenceTrack
+        self._calls: dict[str, Call] = {}
+        self._closers: set[asyncio.Task[None]] = set()
+        self._shut_down = False
+        # aioice logs every connectivity check at INFO; keep server logs readable by default.
+        if logging.getLogger("aioice").level == logging.NOTSET:
+            logging.getLogger("aioice").setLevel(logging.WARNING)
+        ice = settings.ice
+        if ice.turn_urls and not ice.turn_secret:
+            log.warning("ice.turn_urls is set without ice.turn_secret: TURN servers are not "
+                        "offered to clients (only TURN REST credentials are supported)")
+        if self.address_plan.mapped:
+            log.info("WebRTC: advertising %s via wildcard sockets (not local addresses)",
+                     ", ".join(self.address_plan.mapped))
+
+    def ice_servers(self) -> list[dict[str, Any]]:
+        """STUN/TURN entries for clients, with fresh TURN credentials on every call."""
+        return build_ice_servers(self.settings.ice)
+
+    def get(self, call_id: str) -> Call | None:
+        return self._calls.get(call_id)
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    async def create_call(
+        self, offer_sdp: str, session: dict[str, Any] | None = None, model: str | None = None
+    ) -> Call:
+        """Answer an SDP offer; raises InvalidOffer or InvalidSessionConfig without leaking a peer."""
+        if self._shut_down:
+            raise ShuttingDown("The server is shutting down.")
+        parse_offer(offer_sdp)
+        rt = self.session_factory(self.ctx, transport="webrtc", initial_session=session, model=model)
+        call = Call(self, rt, model)
+        try:
+            await call._negotiate(offer_sdp.strip() + "\r\n")
+            await rt.start()
+        except BaseException:
+            await call.close("negotiation failed")
+            raise
+        if call.closed:  # torn down while negotiating (a crashed task): never register it
+            await call.close()
+            raise RuntimeError(f"call failed to start: {call.end_reason}")
+        self._calls[call.id] = call
+        call._run()
+        log.info("call %s started (model=%s, remote %s)", call.id, model or self.ctx.default_model,
+                 _remote_summary(call.pc))
+        return call
+
+    async def hangup(self, call_id: str) -> bool:
+        """End a call; False when no such call is live."""
+        call = self._calls.get(call_id)
+        if call is None:
+            return False
+        await call.close("hangup")
+        return True
+
+    async def close(self) -> None:
+        """End every call (server shutdown) and wait for all teardowns, including earlier ones."""
+        self._shut_down = True
+        for call in list(self._calls.values()):
+            call.request_close("server shutdown")
+        while self._closers:
+            await asyncio.gather(*list(self._closers), return_exceptions=True)
+
+    def _track_closer(self, task: asyncio.Task[None]) -> None:
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
+
+def _remote_summary(pc: RTCPeerConnection) -> str:
+    desc = pc.remoteDescription
+    if desc is None:
+        return "?"
+    hosts = {
+        line.split()[4]
+        for line in desc.sdp.splitlines()
+        if line.startswith("a=candidate:") and len(line.split()) > 4
+    }
+    return ", ".join(sorted(hosts)) or "no candidates"

@@ -1,0 +1,100 @@
+"""Start the real server process once per test session and hand tests its address and key."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from openai.types.realtime import RealtimeServerEvent
+from pydantic import TypeAdapter
+
+API_KEY = "sk-test-openrealtime"
+_SERVER_EVENT = TypeAdapter(RealtimeServerEvent)
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+def assert_valid_server_event(event: dict) -> None:
+    """Every event we emit must validate strictly against the official SDK's types."""
+    _SERVER_EVENT.validate_python(event, strict=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    base_url: str  # http://127.0.0.1:PORT
+    api_key: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def ws_url(self) -> str:
+        return self.base_url.replace("http://", "ws://")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(extra_env: dict[str, str] | None = None, name: str = "server") -> Server:
+    port = free_port()
+    ARTIFACTS.mkdir(exist_ok=True)
+    log_path = ARTIFACTS / f"{name}-{port}.log"
+    env = {
+        **os.environ,
+        "OPENREALTIME_API_KEYS": f'["{API_KEY}"]',
+        "OPENREALTIME_LLM_MODEL": "smollm2-135m",
+        "OPENREALTIME_ICE__ADDRESSES": '["127.0.0.1"]',
+        "OPENREALTIME_ICE__GATHER_INTERFACES": "false",
+        **(extra_env or {}),
+    }
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "openrealtime.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--preload", "--log-level", "info"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return Server(base, API_KEY, proc, log_path)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
+
+
+def stop_server(server: Server) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    srv = start_server()
+    yield srv
+    stop_server(srv)
+    # A clean shutdown is part of the contract: no tracebacks or "Task was destroyed" in the log.
+    text = srv.log_text()
+    assert "Traceback" not in text, text[-4000:]
+    assert "Task was destroyed" not in text, text[-4000:]

@@ -1,0 +1,674 @@
+"""In-process llama.cpp backend (ik_llama.cpp through the ``ik-llama-cpp-python`` ctypes bindings).
+
+Concurrency model: one model and one llama context per backend instance, shared by every session
+that uses that model. All llama.cpp work of the process (loading, prompt evaluation, generation,
+freeing) runs on a single compute thread fed by a FIFO queue, so concurrent sessions are served one
+after another (a voice reply is short, and on a 2-core CPU two generations at once would not be
+faster overall). Serving several sequences in one batch is a possible later improvement.
+
+Why one thread for everything: ggml computes with OpenMP, which keeps a thread team per calling
+thread. As soon as more OpenMP threads exist than cores (two calling threads x 2 threads), libgomp
+stops spin-waiting between parallel regions and decoding becomes 3-4x slower (measured on 2 cores).
+
+``stream()`` never blocks the event loop: it queues a request and receives its events through an
+``asyncio.Queue`` fed with ``call_soon_threadsafe``. Leaving the stream early (``aclose()``, task
+cancellation) sets a flag that the compute thread checks between tokens; a request abandoned while
+still queued never runs.
+
+Each backend remembers the token sequence that is in its KV cache. A new request whose prompt
+extends the previous one (the next turn of the same conversation) only evaluates the new suffix,
+which is what makes multi-turn voice latency acceptable on a CPU.
+
+The high-level ``ik_llama_cpp.IkLlama`` is not used: it hard-codes a Gemma chat template and clears
+the KV cache on every call. Only the low-level bindings are used, plus a few C functions the
+bindings do not wrap (KV-cache sequence removal, metadata, logging), declared here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import concurrent.futures
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from openrealtime.backends.llm import (
+    ChatMessage,
+    Finished,
+    GenerationParams,
+    LLMError,
+    LLMEvent,
+    TextDelta,
+    Usage,
+)
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_native_logger = logging.getLogger(__name__ + ".native")
+
+# Prompt tokens evaluated per llama_decode call. Cancellation is checked between calls, so this
+# bounds how long a cancelled request can keep the model busy (~1 s for the 1.5B model on 2 cores).
+_EVAL_CHUNK = 128
+# ik_llama.cpp switches to different matrix kernels for batches of >= 32 tokens, and on some CPUs
+# and quant types (seen: Q4_1 on an AVX-512 EPYC) those give wrong logits. Each model is checked at
+# load time; a model that fails is evaluated in batches of this size instead.
+_SAFE_EVAL_CHUNK = 16
+_BATCH_CHECK_TEXT = (
+    "The quick brown fox jumps over the lazy dog while the five boxing wizards jump quickly. "
+    "Pack my box with five dozen liquor jugs, then sphinx of black quartz, judge my vow."
+)
+# Largest logit difference accepted between batched and small-batch evaluation (normal kernel
+# differences are ~0.3; broken kernels give >10).
+_BATCH_CHECK_TOLERANCE = 2.0
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# --- native bindings --------------------------------------------------------------------------------
+
+
+class _Native:
+    """The bindings module plus the C functions it does not wrap, bound lazily on first load.
+
+    Fresh function pointers (``lib[name]``) are used so that setting argtypes cannot interfere
+    with the package's own declarations.
+    """
+
+    _instance: _Native | None = None
+    _guard = threading.Lock()
+
+    def __init__(self) -> None:
+        from ik_llama_cpp import _ctypes_api as C  # loads libllama.so: keep out of module import
+
+        self.C = C
+        lib = C._lib
+        vp, i32, u32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_uint32
+
+        def bind(name: str, argtypes: list[Any], restype: Any) -> Any:
+            fn = lib[name]
+            fn.argtypes = argtypes
+            fn.restype = restype
+            return fn
+
+        self.log_callback_type = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+        self.log_set = bind("llama_log_set", [self.log_callback_type, vp], None)
+        self.kv_seq_rm = bind("llama_kv_cache_seq_rm", [vp, i32, i32, i32], ctypes.c_bool)
+        self.meta_val_str = bind("llama_model_meta_val_str", [vp, ctypes.c_char_p, ctypes.c_char_p,
+                                                              ctypes.c_size_t], i32)
+        self.token_bos = bind("llama_token_bos", [vp], i32)
+        self.token_eos = bind("llama_token_eos", [vp], i32)
+        self.add_bos_token = bind("llama_add_bos_token", [vp], i32)
+        self.token_get_text = bind("llama_token_get_text", [vp, i32], ctypes.c_char_p)
+        self.token_is_control = bind("llama_token_is_control", [vp, i32], ctypes.c_bool)
+        self.token_is_eog = bind("llama_token_is_eog", [vp, i32], ctypes.c_bool)
+        self.token_to_piece = bind("llama_token_to_piece", [vp, i32, ctypes.c_char_p, i32, i32,
+                                                            ctypes.c_bool], i32)
+        self.tokenize = bind("llama_tokenize", [vp, ctypes.c_char_p, i32, ctypes.POINTER(i32), i32,
+                                                ctypes.c_bool, ctypes.c_bool], i32)
+        self.n_ctx = bind("llama_n_ctx", [vp], u32)
+        self.n_batch = bind("llama_n_batch", [vp], u32)
+        self.n_ctx_train = bind("llama_n_ctx_train", [vp], i32)
+        self.n_vocab = bind("llama_n_vocab", [vp], i32)
+        self.model_desc = bind("llama_model_desc", [vp, ctypes.c_char_p, ctypes.c_size_t], i32)
+
+        # Route llama.cpp's chatter (hundreds of lines per load) to logging instead of stderr.
+        # The callback object must stay referenced for the life of the process.
+        self._log_cb = self.log_callback_type(self._on_native_log)
+        self.log_set(self._log_cb, None)
+        C.llama_backend_init()
+
+    @staticmethod
+    def _on_native_log(level: int, text: bytes | None, _user: Any) -> None:
+        if not text or not _native_logger.isEnabledFor(logging.DEBUG):
+            return
+        with contextlib.suppress(Exception):  # never let an exception cross into C
+            msg = text.decode("utf-8", "replace").rstrip()
+            if msg:
+                _native_logger.debug("%s", msg)
+
+    @classmethod
+    def get(cls) -> _Native:
+        with cls._guard:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+
+def _cpu_supports_flash_attn() -> bool:
+    """ik_llama.cpp's CPU flash attention asserts on some prompts without VNNI (per the bindings)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx_vnni" in flags or "avx512_vnni" in flags
+
+
+# --- chat template ----------------------------------------------------------------------------------
+
+
+class ChatTemplate:
+    """Renders the model's own Jinja chat template (from the GGUF metadata) like HF transformers."""
+
+    def __init__(self, source: str | None, *, bos_token: str = "", eos_token: str = ""):
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        self.source = source or CHATML_TEMPLATE
+        self.is_fallback = not source
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        )
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self._template = env.from_string(self.source)
+        except Exception as exc:
+            raise LLMError(f"Invalid chat template in model: {exc}", code="chat_template_error") from exc
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+
+    def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+        """Render a conversation; errors become LLMError so the engine reports a failed response."""
+        try:
+            return self._template.render(
+                messages=[{"role": m.role, "content": m.content} for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except LLMError:
+            raise
+        except Exception as exc:
+            raise LLMError(f"Chat template failed: {exc}", code="chat_template_error") from exc
+
+
+def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False,
+            separators: Any = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _raise_exception(message: str) -> None:
+    raise LLMError(f"Chat template rejected the conversation: {message}", code="chat_template_error")
+
+
+# --- sampling -----------------------------------------------------------------------------------------
+
+
+def sample_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Generator) -> int:
+    """Pick the next token: greedy at temperature 0, else top-k -> top-p -> temperature.
+
+    Done in numpy rather than with llama.cpp's samplers so it is reproducible with a seed and does
+    not need a 150k-entry ctypes array per token.
+    """
+    if params.temperature <= 0:
+        return int(np.argmax(logits))
+    n = logits.shape[0]
+    k = params.top_k if 0 < params.top_k < n else n
+    idx = np.argpartition(logits, n - k)[n - k:] if k < n else np.arange(n)
+    cand = logits[idx].astype(np.float64)
+    order = np.argsort(-cand, kind="stable")
+    idx, cand = idx[order], cand[order]
+    if 0 < params.top_p < 1:
+        probs = np.exp(cand - cand[0])
+        probs /= probs.sum()
+        keep = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1
+        idx, cand = idx[:keep], cand[:keep]
+    scaled = (cand - cand[0]) / params.temperature
+    probs = np.exp(scaled)
+    probs /= probs.sum()
+    return int(idx[rng.choice(len(idx), p=probs)])
+
+
+# --- requests -----------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Request:
+    messages: list[ChatMessage]
+    params: GenerationParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[LLMEvent | BaseException]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, item: LLMEvent | BaseException) -> None:
+        """Hand an event to the consumer's loop; a closed loop means nobody is listening anymore."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:
+            self.cancelled.set()
+
+
+class _ComputeThread:
+    """The single thread that makes every computing llama.cpp call in this process (see module doc)."""
+
+    _instance: _ComputeThread | None = None
+    _guard = threading.Lock()
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="llama-compute", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def get(cls) -> _ComputeThread:
+        with cls._guard:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Queue a job (FIFO); it must handle its own errors."""
+        self._jobs.put(job)
+
+    def call(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` on the compute thread and wait for its result (blocking: not on the event loop)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        return self._submit_call(fn).result()
+
+    async def run(self, fn: Callable[[], _T]) -> _T:
+        """``call`` for coroutines: await the job without blocking the loop."""
+        return await asyncio.wrap_future(self._submit_call(fn))
+
+    def _submit_call(self, fn: Callable[[], _T]) -> concurrent.futures.Future[_T]:
+        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+        def job() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self.submit(job)
+        return future
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except BaseException:
+                logger.exception("llama.cpp job failed")
+
+
+# --- backend ------------------------------------------------------------------------------------------
+
+
+class LlamaCppBackend:
+    """A GGUF model served from the process-wide llama.cpp compute thread; implements ``LLMBackend``."""
+
+    def __init__(self, path: str | Path, *, n_ctx: int = 4096, n_threads: int = 0, name: str | None = None,
+                 n_threads_batch: int = 0, flash_attn: bool | None = None, check_batching: bool = True):
+        """Load the model (blocking, ~0.3-2 s for the bundled models): call it off the event loop.
+
+        ``n_threads`` (token generation) defaults to all cores but one. ggml's threads spin-wait on
+        each other, so when another busy thread (TTS, STT) takes one of their cores, generation
+        collapses (measured on 2 cores with one competing busy process: 86 -> 1-3 tok/s with
+        2 threads, unchanged 50 tok/s with 1). Prompt evaluation (``n_threads_batch``), which
+        mostly runs while the rest of the pipeline waits for the reply, defaults to all cores.
+        A positive ``n_threads`` alone sets both.
+        """
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        self._compute = _ComputeThread.get()
+        self._native = self._compute.call(_Native.get)
+        self._model: int | None = None
+        self._ctx: int | None = None
+        self._batch: Any = None
+        self._cached: list[int] = []  # tokens whose K/V are in the cache, in order (positions 0..n-1)
+        self._rng = np.random.default_rng()
+        self._model_lock = threading.Lock()  # count_tokens (any thread) vs. freeing the model
+        self._closed = False
+        # Counters for diagnostics: requests finished, abandoned mid-way, and dropped while queued.
+        self.stats = {"completed": 0, "cancelled": 0, "skipped": 0}
+        t0 = time.monotonic()
+        try:
+            self._compute.call(
+                lambda: self._load(n_ctx, n_threads, n_threads_batch, flash_attn, check_batching)
+            )
+        except BaseException:
+            self._compute.call(self._free)
+            raise
+        self.load_seconds = time.monotonic() - t0
+        logger.info("Loaded %s (%s) in %.2fs: n_ctx=%d threads=%d/%d flash_attn=%s eval_batch=%d", self.name,
+                    self.description, self.load_seconds, self.context_length, self.n_threads,
+                    self.n_threads_batch, self.flash_attn, self._eval_chunk)
+
+    def _load(self, n_ctx: int, n_threads: int, n_threads_batch: int, flash_attn: bool | None,
+              check_batching: bool) -> None:
+        native = self._native
+        C = native.C
+        mparams = C.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        model = C.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not model:
+            raise LLMError(f"llama.cpp could not load model {self.path}", code="model_load_failed")
+        self._model = model
+
+        n_train = native.n_ctx_train(model)
+        if n_ctx <= 0 or (n_train > 0 and n_ctx > n_train):
+            n_ctx = n_train if n_train > 0 else 4096
+        cores = max(1, os.cpu_count() or 1)
+        self.n_threads = n_threads if n_threads > 0 else max(1, cores - 1)
+        if n_threads_batch <= 0:
+            n_threads_batch = n_threads if n_threads > 0 else cores
+        self.n_threads_batch = n_threads_batch
+        self.flash_attn = _cpu_supports_flash_attn() if flash_attn is None else flash_attn
+        cparams = C.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = min(512, n_ctx)
+        cparams.n_ubatch = min(512, n_ctx)
+        cparams.n_seq_max = 1
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads_batch
+        cparams.flash_attn = self.flash_attn
+        ctx = C.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise LLMError(f"llama.cpp could not create a context for {self.path}", code="model_load_failed")
+        self._ctx = ctx
+        self.context_length = int(native.n_ctx(ctx))
+        self._n_batch = int(native.n_batch(ctx))
+        self._n_vocab = int(native.n_vocab(model))
+        self._batch = C.llama_batch_init(self._n_batch, 0, 1)
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+        bos = native.token_bos(model)
+        eos = native.token_eos(model)
+        self._add_bos = native.add_bos_token(model) == 1
+        self._bos_text = self._token_text(bos)
+        self.chat_template = ChatTemplate(
+            self._meta("tokenizer.chat_template"), bos_token=self._bos_text, eos_token=self._token_text(eos)
+        )
+        if self.chat_template.is_fallback:
+            logger.warning("%s has no chat template; using ChatML", self.path.name)
+        self._eval_chunk = min(_EVAL_CHUNK, self._n_batch)
+        if check_batching:
+            self._check_batching()
+
+    # --- model helpers (any thread) ---
+
+    @property
+    def description(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        if self._model:
+            self._native.model_desc(self._model, buf, 256)
+        return buf.value.decode("utf-8", "replace")
+
+    def _meta(self, key: str) -> str | None:
+        size = 4096
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = self._native.meta_val_str(self._model, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", "replace")
+            size = n + 1
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        raw = self._native.token_get_text(self._model, token)
+        return raw.decode("utf-8", "replace") if raw else ""
+
+    def _tokenize(self, text: str) -> list[int]:
+        # Special tokens in the rendered template (<|im_start|>...) must become their ids. Message
+        # contents are parsed the same way; that only lets a client forge turns of its own session.
+        data = text.encode("utf-8")
+        add_special = self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
+        cap = len(data) + 8
+        buf = (ctypes.c_int32 * cap)()
+        n = self._native.tokenize(self._model, data, len(data), buf, cap, add_special, True)
+        if n < 0:
+            cap = -n
+            buf = (ctypes.c_int32 * cap)()
+            n = self._native.tokenize(self._model, data, len(data), buf, cap, add_special, True)
+        if n < 0:
+            raise LLMError("tokenization failed")
+        return list(buf[:n])
+
+    def _check_batching(self) -> None:
+        """Detect broken large-batch kernels (see _SAFE_EVAL_CHUNK) before serving any request."""
+        tokens = self._tokenize(_BATCH_CHECK_TEXT)[: self._n_batch]
+        if len(tokens) < 33 or self._eval_chunk <= _SAFE_EVAL_CHUNK:
+            return
+        try:
+            self._decode(tokens, 0, want_logits=True)
+            batched = self._logits().copy()
+            self._reset_cache()
+            for start in range(0, len(tokens), _SAFE_EVAL_CHUNK):
+                chunk = tokens[start:start + _SAFE_EVAL_CHUNK]
+                self._decode(chunk, start, want_logits=start + len(chunk) == len(tokens))
+            diff = float(np.max(np.abs(self._logits() - batched)))
+        finally:
+            self._reset_cache()
+        if not np.isfinite(diff) or diff > _BATCH_CHECK_TOLERANCE:
+            logger.warning("%s: llama.cpp batched evaluation is inaccurate on this CPU (logit error %.1f); "
+                           "evaluating prompts %d tokens at a time", self.name, diff, _SAFE_EVAL_CHUNK)
+            self._eval_chunk = _SAFE_EVAL_CHUNK
+        else:
+            logger.debug("%s: batched evaluation check passed (max logit difference %.3f)", self.name, diff)
+
+    def render_prompt(self, messages: list[ChatMessage]) -> str:
+        """The exact text the model sees (useful for debugging prompts and in tests)."""
+        return self.chat_template.render(messages, add_generation_prompt=True)
+
+    def _prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
+        return self._tokenize(self.render_prompt(messages))
+
+    # --- LLMBackend ---
+
+    async def stream(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[LLMEvent]:
+        """Queue a generation and relay its events; leaving early cancels it (even if still queued)."""
+        if self._closed:
+            raise LLMError("The model is closed", code="model_closed")
+        req = _Request(list(messages), params, asyncio.get_running_loop(), asyncio.Queue())
+        self._compute.submit(lambda: self._serve(req))
+        try:
+            while True:
+                item = await req.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Finished):
+                    return
+        finally:
+            req.cancelled.set()
+
+    async def count_tokens(self, messages: list[ChatMessage]) -> int:
+        """Prompt size for context management; tokenizes in a thread, not behind queued generations."""
+        return await asyncio.to_thread(self._count_tokens_sync, list(messages))
+
+    def _count_tokens_sync(self, messages: list[ChatMessage]) -> int:
+        with self._model_lock:
+            if self._model is None:
+                raise LLMError("The model is closed", code="model_closed")
+            return len(self._prompt_tokens(messages))
+
+    async def close(self) -> None:
+        """Free the model; the running and queued generations end with LLMError(code="model_closed")."""
+        if self._closed:
+            return
+        self._closed = True  # queued requests fail fast, the running one stops at its next token
+        await self._compute.run(self._free)
+
+    def _free(self) -> None:
+        C = self._native.C
+        with self._model_lock:
+            if self._ctx:
+                if self._batch is not None:
+                    C.llama_batch_free(self._batch)
+                    self._batch = None
+                C.llama_free(self._ctx)
+                self._ctx = None
+            if self._model:
+                C.llama_free_model(self._model)
+                self._model = None
+
+    def __repr__(self) -> str:
+        return f"LlamaCppBackend(name={self.name!r}, path={str(self.path)!r}, n_ctx={self.context_length})"
+
+    # --- compute thread ---
+
+    def _serve(self, req: _Request) -> None:
+        """Compute-thread job for one request."""
+        if req.cancelled.is_set():
+            self.stats["skipped"] += 1
+            return
+        try:
+            self._check_open()
+            if self._generate(req):
+                self.stats["completed"] += 1
+            else:
+                self.stats["cancelled"] += 1
+        except LLMError as exc:
+            req.emit(exc)
+        except Exception as exc:
+            logger.exception("Generation failed")
+            req.emit(LLMError(f"Generation failed: {exc}"))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LLMError("The model was closed", code="model_closed")
+
+    def _stopped(self, req: _Request) -> bool:
+        """Checked between tokens: the consumer left (True) or the backend is closing (raises)."""
+        self._check_open()
+        return req.cancelled.is_set()
+
+    def _decode(self, tokens: list[int], start: int, want_logits: bool) -> None:
+        """Evaluate ``tokens`` at positions start.. and record them as cached."""
+        batch = self._batch
+        n = len(tokens)
+        batch.n_tokens = n
+        for i, tok in enumerate(tokens):
+            batch.token[i] = tok
+            batch.pos[i] = start + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 0
+        if want_logits:
+            batch.logits[n - 1] = 1
+        rc = self._native.C.llama_decode(self._ctx, batch)
+        if rc != 0:
+            self._reset_cache()
+            raise LLMError(f"llama_decode failed with code {rc}")
+        self._cached.extend(tokens)
+
+    def _reset_cache(self) -> None:
+        self._native.C.llama_kv_cache_clear(self._ctx)
+        self._cached = []
+
+    def _logits(self) -> np.ndarray:
+        ptr = self._native.C.llama_get_logits_ith(self._ctx, -1)
+        if not ptr:
+            raise LLMError("llama.cpp returned no logits")
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+
+    def _piece(self, token: int) -> bytes:
+        buf = self._piece_buf
+        n = self._native.token_to_piece(self._model, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._native.token_to_piece(self._model, token, buf, len(buf), 0, False)
+        return buf.raw[:n] if n > 0 else b""
+
+    def _generate(self, req: _Request) -> bool:
+        """Run one request; False if the consumer went away before it finished."""
+        t0 = time.monotonic()
+        with self._model_lock:
+            tokens = self._prompt_tokens(req.messages)
+        n_prompt = len(tokens)
+        n_ctx = self.context_length
+        if n_prompt >= n_ctx:
+            raise LLMError(
+                f"The conversation is {n_prompt} tokens; this model's context is {n_ctx} tokens.",
+                code="context_length_exceeded",
+                details={"prompt_tokens": n_prompt, "context_length": n_ctx},
+            )
+        if self._stopped(req):
+            return False
+
+        # Reuse the longest common prefix of what is already in the KV cache.
+        common = 0
+        for a, b in zip(self._cached, tokens, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, n_prompt - 1)  # the last prompt token is always evaluated for logits
+        if common < len(self._cached):
+            if self._native.kv_seq_rm(self._ctx, 0, common, -1):
+                del self._cached[common:]
+            else:
+                self._reset_cache()
+                common = 0
+        cached_tokens = common
+
+        for start in range(common, n_prompt, self._eval_chunk):
+            if self._stopped(req):
+                return False
+            chunk = tokens[start:start + self._eval_chunk]
+            self._decode(chunk, start, want_logits=start + len(chunk) == n_prompt)
+        t_prompt = time.monotonic()
+
+        params = req.params
+        budget = n_ctx - n_prompt
+        max_new = budget if params.max_tokens is None else min(max(params.max_tokens, 0), budget)
+        rng = np.random.default_rng(params.seed) if params.seed is not None else self._rng
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        n_gen = 0
+        finish: str = "length"
+        while n_gen < max_new:
+            if self._stopped(req):
+                return False
+            token = sample_token(self._logits(), params, rng)
+            # End-of-generation tokens end the reply; so does any other control token (e.g. a
+            # hallucinated <|im_start|> opening a new turn), which must never reach the client.
+            if self._native.token_is_eog(self._model, token) or self._native.token_is_control(
+                self._model, token
+            ):
+                finish = "stop"
+                break
+            n_gen += 1
+            text = decoder.decode(self._piece(token))
+            if text:
+                req.emit(TextDelta(text))
+            if n_gen < max_new:
+                self._decode([token], len(self._cached), want_logits=True)
+        # An incomplete UTF-8 sequence left at a length cut is dropped rather than shown as U+FFFD.
+        usage = Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, cached_tokens=cached_tokens)
+        req.emit(Finished(finish_reason=finish, usage=usage))  # type: ignore[arg-type]
+        self._log_request(n_prompt, cached_tokens, n_gen, finish, t0, t_prompt)
+        return True
+
+    def _log_request(self, n_prompt: int, cached: int, n_gen: int, finish: str, t0: float,
+                     t_prompt: float) -> None:
+        t_end = time.monotonic()
+        logger.debug(
+            "%s: prompt %d tok (%d cached) in %.2fs, %d tok generated in %.2fs (%.1f tok/s), %s",
+            self.name, n_prompt, cached, t_prompt - t0, n_gen, t_end - t_prompt,
+            n_gen / max(t_end - t_prompt, 1e-6), finish,
+        )

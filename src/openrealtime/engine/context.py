@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..backends.llm import LLMBackend
+from ..backends.speech import STTBackend, TTSBackend, VADModel
 
 
 @dataclass(slots=True)
@@ -16,5 +17,11 @@ class EngineContext:
     default_instructions: str
     session_ttl_s: int = 3600
     max_event_bytes: int = 15 * 1024 * 1024
-    # True once a speech synthesis backend is configured (voice pipeline).
-    audio_output: bool = False
+    vad: VADModel | None = None
+    stt: STTBackend | None = None
+    tts: TTSBackend | None = None
+
+    @property
+    def audio_output(self) -> bool:
+        """Spoken responses need a speech synthesis backend."""
+        return self.tts is not None

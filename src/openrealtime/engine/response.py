@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..backends.llm import ChatMessage, Finished, GenerationParams, LLMError, TextDelta, Usage
+from ..audio.codecs import encode_from_pcm16
+from ..audio.resample import StreamResampler
+from ..backends.llm import ChatMessage, Finished, GenerationParams, LLMBackend, LLMError, TextDelta, Usage
+from ..backends.speech import TTSError
 from ..protocol import events as ev
 from ..protocol.errors import ProtocolError
 from ..protocol.events import ItemReference, ResponseConfig, new_id
 from ..protocol.items import ContentPart, Item
+from .audio_io import OUTPUT_RATE
+from .clauses import ClauseSplitter
 
 if TYPE_CHECKING:
     from .session import RealtimeSession
@@ -20,6 +27,37 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Status = Literal["in_progress", "completed", "cancelled", "incomplete", "failed"]
+# Size of each `response.output_audio.delta` (WebSocket): small enough to start playback early.
+DELTA_MS = 200
+
+
+@dataclass(slots=True)
+class SpokenAudio:
+    """An assistant item's audio (24 kHz PCM16) and when each clause of its transcript was said."""
+
+    pcm: bytearray = field(default_factory=bytearray)
+    clauses: list[tuple[int, int, str]] = field(default_factory=list)  # (start_ms, end_ms, text)
+
+    @property
+    def ms(self) -> int:
+        return len(self.pcm) // (OUTPUT_RATE * 2 // 1000)
+
+    def transcript_until(self, end_ms: int) -> str:
+        """The words heard up to `end_ms`, as closely as clause timing allows."""
+        out = []
+        for start, stop, text in self.clauses:
+            if stop <= end_ms:
+                out.append(text)
+            elif start < end_ms:
+                words = text.split()
+                keep = len(words) * (end_ms - start) // max(1, stop - start)  # whole words heard
+                if keep:
+                    out.append(" ".join(words[:keep]))
+                break
+        return "".join(out).strip()
+
+    def cut(self, end_ms: int) -> None:
+        del self.pcm[end_ms * (OUTPUT_RATE * 2 // 1000):]
 
 
 @dataclass(slots=True)
@@ -31,6 +69,7 @@ class ResolvedResponse:
     max_output_tokens: int | Literal["inf"]
     temperature: float
     voice: str
+    speed: float
     audio_format: dict[str, Any]
     metadata: dict[str, str] | None
     in_conversation: bool
@@ -63,7 +102,8 @@ def resolve(session: RealtimeSession, cfg: ResponseConfig | None) -> ResolvedRes
         output_modalities=modalities,
         max_output_tokens=cfg.max_output_tokens if cfg.max_output_tokens is not None else s.max_output_tokens,
         temperature=cfg.temperature if cfg.temperature is not None else s.temperature,
-        voice=voice,
+        voice=session.check_voice(voice, "response.voice"),
+        speed=s.audio.output.speed,
         audio_format=fmt.model_dump(mode="json", exclude_none=True),
         metadata=cfg.metadata,
         in_conversation=cfg.conversation == "auto",
@@ -96,8 +136,16 @@ class ResponseRun:
         self.cancel_reason: str = "client_cancelled"
         self.task: asyncio.Task[None] | None = None
         # Snapshot of the context now: items the client adds later belong to the next turn.
-        source = spec.input if spec.input is not None else list(session.conversation)
-        self.messages = self._messages(source)
+        self._source = spec.input if spec.input is not None else list(session.conversation)
+        self.messages: list[ChatMessage] = []  # built once the transcripts of the source exist
+        self._text: list[str] = []
+        self._deltas = 0
+        self.audio = SpokenAudio()
+        tts_rate = session.ctx.tts.sample_rate if session.ctx.tts else OUTPUT_RATE
+        self._resampler = StreamResampler(tts_rate, OUTPUT_RATE)
+        self._g711_resampler = StreamResampler(OUTPUT_RATE, 8000)
+        self.speech_requested_at = 0.0
+        self.first_audio_at = 0.0
 
     # ------------------------------------------------------------------ state
 
@@ -147,13 +195,18 @@ class ResponseRun:
 
     # ------------------------------------------------------------------ run
 
+    @property
+    def speaks(self) -> bool:
+        return "audio" in self.spec.output_modalities
+
     async def run(self) -> None:
         emit = self.session.emit
         emit(ev.ResponseCreated(response=self.snapshot()))
         item: Item | None = None
-        text_parts: list[str] = []
         finished: Finished | None = None
         try:
+            await self.session.transcriber.wait_for([i.id for i in self._source if i.id])
+            self.messages = self._messages(self._source)
             llm = await self.session.ctx.resolve_llm(self.session.config.model)
             max_tokens = self.spec.max_output_tokens
             params = GenerationParams(
@@ -161,15 +214,11 @@ class ResponseRun:
                 max_tokens=None if max_tokens == "inf" else int(max_tokens),
             )
             item = self._open_item()
-            async with contextlib.aclosing(llm.stream(self.messages, params)) as stream:
-                async for chunk in stream:
-                    if isinstance(chunk, TextDelta):
-                        if chunk.text:
-                            text_parts.append(chunk.text)
-                            emit(ev.ResponseOutputTextDelta(**self._part_ids(item), delta=chunk.text))
-                    elif isinstance(chunk, Finished):
-                        finished = chunk
-            self.usage = finished.usage if finished else Usage(completion_tokens=len(text_parts))
+            if self.speaks:
+                finished = await self._stream_speech(item, llm, params)
+            else:
+                finished = await self._stream_text(item, llm, params)
+            self.usage = finished.usage if finished else Usage(completion_tokens=self._deltas)
             if finished is not None and finished.finish_reason == "length":
                 self.status = "incomplete"
                 self.status_details = {"type": "incomplete", "reason": "max_output_tokens"}
@@ -178,8 +227,8 @@ class ResponseRun:
         except asyncio.CancelledError:
             self.status = "cancelled"
             self.status_details = {"type": "cancelled", "reason": self.cancel_reason}
-            self.usage = Usage(completion_tokens=len(text_parts))
-        except LLMError as exc:
+            self.usage = Usage(completion_tokens=self._deltas)
+        except (LLMError, TTSError) as exc:
             log.warning("response %s failed: %s", self.id, exc)
             self._fail(exc.code, str(exc), "server_error")
         except Exception as exc:  # a backend bug must not kill the session
@@ -187,9 +236,95 @@ class ResponseRun:
             self._fail("server_error", f"The model backend failed: {exc}", "server_error")
         finally:
             if item is not None:
-                self._close_item(item, "".join(text_parts))
+                self._close_item(item)
             emit(ev.ResponseDone(response=self.snapshot()))
             self.session.response_finished(self)
+
+    async def _stream_text(self, item: Item, llm: LLMBackend, params: GenerationParams) -> Finished | None:
+        finished = None
+        async with contextlib.aclosing(llm.stream(self.messages, params)) as stream:
+            async for chunk in stream:
+                if isinstance(chunk, TextDelta):
+                    if chunk.text:
+                        self._deltas += 1
+                        self._text.append(chunk.text)
+                        self.session.emit(ev.ResponseOutputTextDelta(**self._part_ids(item), delta=chunk.text))
+                elif isinstance(chunk, Finished):
+                    finished = chunk
+        return finished
+
+    async def _stream_speech(self, item: Item, llm: LLMBackend, params: GenerationParams) -> Finished | None:
+        """LLM and TTS run concurrently: each clause is spoken while the next is generated."""
+        clauses: asyncio.Queue[str | None] = asyncio.Queue()
+        result: list[Finished] = []
+
+        async def produce() -> None:
+            splitter = ClauseSplitter()
+            try:
+                async with contextlib.aclosing(llm.stream(self.messages, params)) as stream:
+                    async for chunk in stream:
+                        if isinstance(chunk, TextDelta):
+                            self._deltas += 1
+                            for clause in splitter.push(chunk.text):
+                                clauses.put_nowait(clause)
+                        elif isinstance(chunk, Finished):
+                            result.append(chunk)
+                tail = splitter.flush()
+                if tail.strip():
+                    clauses.put_nowait(tail)
+            finally:
+                clauses.put_nowait(None)
+
+        producer = asyncio.create_task(produce(), name=f"llm-{self.id}")
+        try:
+            while (clause := await clauses.get()) is not None:
+                await self._speak(item, clause)
+            self._play(item, self._resampler.flush(), final=True)
+            await producer  # re-raises a backend failure
+        finally:
+            if not producer.done():
+                producer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await producer
+        return result[0] if result else None
+
+    async def _speak(self, item: Item, clause: str) -> None:
+        tts = self.session.ctx.tts
+        assert tts is not None
+        start = self.audio.ms
+        self._text.append(clause)
+        self.session.emit(ev.ResponseOutputAudioTranscriptDelta(**self._part_ids(item), delta=clause))
+        if not self.first_audio_at:
+            self.speech_requested_at = self.speech_requested_at or time.monotonic()
+        async with contextlib.aclosing(
+                tts.synthesize(clause.strip(), voice=self.spec.voice, speed=self.spec.speed)) as chunks:
+            async for chunk in chunks:
+                self._play(item, self._resampler.process(chunk))
+        self.audio.clauses.append((start, self.audio.ms, clause))
+
+    def _play(self, item: Item, pcm24: bytes, final: bool = False) -> None:
+        """Send synthesized audio on: to the player (WebRTC) or as delta events (WebSocket).
+
+        `final` flushes the resamplers' filter delay at the end of the response.
+        """
+        if not pcm24 and not final:
+            return
+        if pcm24 and not self.first_audio_at:
+            self.first_audio_at = time.monotonic()
+        self.audio.pcm.extend(pcm24)
+        output = self.session.audio_output
+        if output is not None:
+            if pcm24:
+                output.play(self.id, item.id or "", pcm24)
+            return
+        fmt = self.spec.audio_format.get("type", "audio/pcm")
+        data = pcm24
+        if fmt != "audio/pcm":
+            data = encode_from_pcm16(self._g711_resampler.process(pcm24, last=final), fmt)
+        step = (DELTA_MS * (OUTPUT_RATE if fmt == "audio/pcm" else 8000) // 1000) * (2 if fmt == "audio/pcm" else 1)
+        for i in range(0, len(data), step):
+            self.session.emit(ev.ResponseOutputAudioDelta(
+                **self._part_ids(item), delta=base64.b64encode(data[i:i + step]).decode()))
 
     def _fail(self, code: str, message: str, type: str) -> None:
         self.status = "failed"
@@ -208,16 +343,29 @@ class ResponseRun:
         if self.spec.in_conversation:
             previous = self.session.conversation.insert(item)
             emit(ev.ConversationItemAdded(previous_item_id=previous, item=item.wire()))
-        item.content = [ContentPart(type="output_text", text="")]
-        emit(ev.ResponseContentPartAdded(**self._part_ids(item), part={"type": "text", "text": ""}))
+        if self.speaks:
+            self.session.spoken[item.id or ""] = self.audio
+            item.content = [ContentPart(type="output_audio", transcript="")]
+            part = {"type": "audio", "transcript": ""}
+        else:
+            item.content = [ContentPart(type="output_text", text="")]
+            part = {"type": "text", "text": ""}
+        emit(ev.ResponseContentPartAdded(**self._part_ids(item), part=part))
         return item
 
-    def _close_item(self, item: Item, text: str) -> None:
+    def _close_item(self, item: Item) -> None:
         emit = self.session.emit
         ids = self._part_ids(item)
-        item.content = [ContentPart(type="output_text", text=text)]
-        emit(ev.ResponseOutputTextDone(**ids, text=text))
-        emit(ev.ResponseContentPartDone(**ids, part={"type": "text", "text": text}))
+        text = "".join(self._text)
+        if self.speaks:
+            item.content = [ContentPart(type="output_audio", transcript=text)]
+            emit(ev.ResponseOutputAudioDone(**ids))
+            emit(ev.ResponseOutputAudioTranscriptDone(**ids, transcript=text))
+            emit(ev.ResponseContentPartDone(**ids, part={"type": "audio", "transcript": text}))
+        else:
+            item.content = [ContentPart(type="output_text", text=text)]
+            emit(ev.ResponseOutputTextDone(**ids, text=text))
+            emit(ev.ResponseContentPartDone(**ids, part={"type": "text", "text": text}))
         item.status = "completed" if self.status == "completed" else "incomplete"
         emit(ev.ResponseOutputItemDone(response_id=self.id, output_index=ids["output_index"],
                                        item=item.wire()))

@@ -17,15 +17,20 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from ..audio.codecs import decode_to_pcm16
+from ..audio.codecs import decode_to_pcm16, encode_from_pcm16
+from ..audio.resample import resample
 from ..protocol import events as ev
 from ..protocol.errors import ProtocolError, from_validation_error
 from ..protocol.events import CLIENT_EVENT_MODELS, CLIENT_EVENT_TYPES, new_id
 from ..protocol.items import ContentPart, Item
 from ..protocol.session import READ_ONLY_FIELDS, SessionConfig, deep_merge
+from .audio_io import OUTPUT_RATE, AudioOutput
 from .context import EngineContext
 from .conversation import Conversation
-from .response import ResponseRun, resolve
+from .input import RATE as INPUT_RATE
+from .input import InputAudio
+from .response import ResponseRun, SpokenAudio, resolve
+from .transcription import Transcriber
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +80,8 @@ class RealtimeSession:
             output_modalities=["audio"] if ctx.audio_output else ["text"],
             expires_at=int(time.time()) + ctx.session_ttl_s,
         )
+        if ctx.tts is not None and ctx.tts.voices():
+            self.config.audio.output.voice = ctx.tts.voices()[0].id
         if initial_session:
             try:
                 self.config = self._merged_config(initial_session, "session")
@@ -82,12 +89,27 @@ class RealtimeSession:
                 raise InvalidSessionConfig(exc.message, exc.param, exc.code) from None
         self._runs: dict[str, ResponseRun] = {}
         self._active: ResponseRun | None = None  # the default conversation's response
-        self._input_pcm = bytearray()  # PCM16 at the input format's rate
+        self._auto_response_pending = False
+        # Set by a transport that plays audio itself (WebRTC) before start().
+        self.audio_output: AudioOutput | None = None
+        self.input = InputAudio(self)
+        self.transcriber = Transcriber(self)
+        self.input_audio: dict[str, bytes] = {}  # committed user audio (16 kHz) by item id
+        self.spoken: dict[str, SpokenAudio] = {}  # assistant audio by item id
+        self._idle_task: asyncio.Task | None = None
+        self._idle_armed_at_ms = 0.0
 
     # ------------------------------------------------------------------ public API
 
     async def start(self) -> None:
+        if self.audio_output is not None:
+            self.audio_output.listener = self
         self.emit(ev.SessionCreated(session=self.config.wire()))
+
+    async def push_audio(self, pcm16: bytes, sample_rate: int) -> None:
+        """Caller audio from a media track (mono PCM16, any rate)."""
+        if not self.closed:
+            await self.input.append(pcm16, sample_rate)
 
     def emit(self, event: ev.ServerEvent) -> None:
         if not self.closed:
@@ -138,6 +160,11 @@ class RealtimeSession:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._cancel_idle_timer()
+        await self.input.close()
+        await self.transcriber.close()
+        if self.audio_output is not None:
+            self.audio_output.clear()
         self.closed = True
         self.outbox.put_nowait(None)
 
@@ -149,10 +176,130 @@ class RealtimeSession:
                                 "on this server; use output_modalities ['text'].",
                                 code="unsupported_modality", param=param)
 
+    def check_voice(self, voice: str, param: str) -> str:
+        """The TTS voice id for a requested voice name (ids and aliases accepted)."""
+        tts = self.ctx.tts
+        if tts is None:
+            return voice
+        found = tts.resolve_voice(voice)
+        if found is None:
+            names = ", ".join(v.id for v in tts.voices())
+            raise ProtocolError(f"Unknown voice '{voice}'. Available voices: {names} (see GET /v1/voices).",
+                                code="invalid_value", param=param)
+        return found.id
+
     def response_finished(self, run: ResponseRun) -> None:
         self._runs.pop(run.id, None)
+        if run.speaks and run.audio.ms:
+            if self.audio_output is not None:
+                self.audio_output.finish(run.id)
+            elif not self.closed:
+                # WebSocket: the client plays it; assume real time from the first chunk on.
+                played_until = run.first_audio_at + run.audio.ms / 1000
+                self._arm_idle_timer(max(0.0, played_until - time.monotonic()))
+        elif run.spec.in_conversation and not self.closed:
+            self._arm_idle_timer(0.0)
         if self._active is run:
             self._active = None
+            if self._auto_response_pending and not self.closed:
+                self._auto_response_pending = False
+                self._start_response(None)
+
+    # ------------------------------------------------------------------ voice: turns and playback
+
+    def commit_audio(self, pcm16k: bytes, item_id: str, speculative: asyncio.Task | None = None) -> Item:
+        """Turn buffered speech into a user item and start transcribing it."""
+        item = Item(id=item_id, type="message", role="user", status="completed",
+                    content=[ContentPart(type="input_audio", transcript=None)])
+        previous = self.conversation.insert(item)
+        self.input_audio[item_id] = pcm16k
+        self.emit(ev.InputAudioBufferCommitted(previous_item_id=previous, item_id=item_id))
+        self.emit(ev.ConversationItemAdded(previous_item_id=previous, item=item.wire()))
+        self.emit(ev.ConversationItemDone(previous_item_id=previous, item=item.wire()))
+        self.transcriber.start(item, pcm16k, speculative)
+        return item
+
+    def request_auto_response(self) -> None:
+        """A turn ended under turn detection: answer now, or right after the current response."""
+        if self._active is not None:
+            self._auto_response_pending = True
+        else:
+            self._start_response(None)
+
+    async def on_user_speech(self, interrupt: bool) -> None:
+        self._cancel_idle_timer()
+        if interrupt:
+            await self._interrupt("turn_detected")
+
+    async def _interrupt(self, reason: str) -> None:
+        """Barge-in: silence the speaker at once, stop generating, cut the item to what was heard."""
+        cleared = self.audio_output.clear() if self.audio_output is not None else None
+        run = self._active
+        if run is not None and not run.done and run.task is not None:
+            run.cancel_reason = reason
+            run.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(run.task)
+        if cleared is not None:
+            self.emit(ev.OutputAudioBufferCleared(response_id=cleared.response_id))
+            item = self.conversation.get(cleared.item_id)
+            if item is not None:
+                self._truncate(item, 0, cleared.played_ms)
+
+    def playback_started(self, response_id: str) -> None:
+        self._cancel_idle_timer()
+        self.emit(ev.OutputAudioBufferStarted(response_id=response_id))
+
+    def playback_stopped(self, response_id: str) -> None:
+        self.emit(ev.OutputAudioBufferStopped(response_id=response_id))
+        if self._active is None:
+            self._arm_idle_timer(0.0)
+
+    def _arm_idle_timer(self, delay_s: float) -> None:
+        td = self.config.audio.input.turn_detection
+        self._cancel_idle_timer()
+        if td is None or td.type != "server_vad" or td.idle_timeout_ms is None:
+            return
+        self._idle_task = asyncio.create_task(self._idle(delay_s, td.idle_timeout_ms / 1000), name="idle-timeout")
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_task is not None and self._idle_task is not asyncio.current_task():
+            self._idle_task.cancel()
+        self._idle_task = None
+
+    async def _idle(self, playback_left_s: float, timeout_s: float) -> None:
+        await asyncio.sleep(playback_left_s)
+        start_ms = self.input.total_ms
+        await asyncio.sleep(timeout_s)
+        if self.closed or self._active is not None or self.input.speaking:
+            return
+        self._idle_task = None
+        item_id = new_id("item")
+        self.emit(ev.InputAudioBufferTimeoutTriggered(audio_start_ms=int(start_ms),
+                                                      audio_end_ms=int(self.input.total_ms), item_id=item_id))
+        self.commit_audio(self.input.take_all(), item_id)
+        self._start_response(None)
+
+    def _truncate(self, item: Item, content_index: int, audio_end_ms: int) -> int:
+        """Cut an assistant item's audio (and its transcript) to `audio_end_ms`, clamped; returns the cut."""
+        spoken = self.spoken.get(item.id or "")
+        content = item.content or []
+        part = content[content_index]
+        if spoken is not None:
+            end_ms = min(audio_end_ms, spoken.ms)
+            part.transcript = spoken.transcript_until(end_ms)
+            spoken.cut(end_ms)
+        else:  # audio the client supplied in conversation.item.create
+            fmt = self.config.audio.output.format
+            raw = base64.b64decode(part.audio or "")
+            total_ms = len(decode_to_pcm16(raw, fmt.type)) // 2 * 1000 // fmt.sample_rate
+            end_ms = min(audio_end_ms, total_ms)
+            keep = end_ms * fmt.sample_rate // 1000 * (2 if fmt.type == "audio/pcm" else 1)
+            part.audio = base64.b64encode(raw[:keep]).decode()
+            part.transcript = ""
+        self.emit(ev.ConversationItemTruncated(item_id=item.id or "", content_index=content_index,
+                                               audio_end_ms=end_ms))
+        return end_ms
 
     # ------------------------------------------------------------------ dispatch
 
@@ -162,6 +309,9 @@ class RealtimeSession:
 
     async def _on_session_update(self, event: ev.SessionUpdate) -> None:
         self.config = self._merged_config(event.session, "session")
+        self.input.configure()
+        if self.config.audio.input.turn_detection is None:
+            self._cancel_idle_timer()
         self.emit(ev.SessionUpdated(session=self.config.wire()))
 
     def _merged_config(self, update: dict[str, Any], prefix: str) -> SessionConfig:
@@ -174,6 +324,7 @@ class RealtimeSession:
         except ValidationError as exc:
             raise from_validation_error(exc, merged, prefix) from None
         self.check_modalities(config.output_modalities, f"{prefix}.output_modalities")
+        self.check_voice(config.audio.output.voice, f"{prefix}.audio.output.voice")
         return config
 
     async def _on_conversation_item_create(self, event: ev.ConversationItemCreate) -> None:
@@ -192,10 +343,24 @@ class RealtimeSession:
 
     async def _on_conversation_item_retrieve(self, event: ev.ConversationItemRetrieve) -> None:
         item = self.conversation.require(event.item_id)
-        self.emit(ev.ConversationItemRetrieved(item=item.wire()))
+        wire = item.wire()
+        # The full item includes its audio, in the session's formats (as the hosted API does).
+        user_pcm = self.input_audio.get(item.id or "")
+        spoken = self.spoken.get(item.id or "")
+        if user_pcm is not None:
+            fmt = self.config.audio.input.format
+            raw = resample(user_pcm, INPUT_RATE, fmt.sample_rate)
+            wire["content"][0]["audio"] = base64.b64encode(encode_from_pcm16(raw, fmt.type)).decode()
+        elif spoken is not None:
+            fmt = self.config.audio.output.format
+            raw = resample(bytes(spoken.pcm), OUTPUT_RATE, fmt.sample_rate)
+            wire["content"][0]["audio"] = base64.b64encode(encode_from_pcm16(raw, fmt.type)).decode()
+        self.emit(ev.ConversationItemRetrieved(item=wire))
 
     async def _on_conversation_item_delete(self, event: ev.ConversationItemDelete) -> None:
         self.conversation.delete(event.item_id)
+        self.input_audio.pop(event.item_id, None)
+        self.spoken.pop(event.item_id, None)
         self.emit(ev.ConversationItemDeleted(item_id=event.item_id))
 
     async def _on_conversation_item_truncate(self, event: ev.ConversationItemTruncate) -> None:
@@ -206,31 +371,28 @@ class RealtimeSession:
         if event.content_index >= len(content):
             raise ProtocolError(f"content_index {event.content_index} is out of range.",
                                 param="content_index")
-        part = content[event.content_index]
-        if part.type != "output_audio":
+        if content[event.content_index].type != "output_audio":
             raise ProtocolError("Only audio content can be truncated.", param="content_index")
-        fmt = self.config.audio.output.format
-        pcm = decode_to_pcm16(base64.b64decode(part.audio or ""), fmt.type)
-        total_ms = len(pcm) // 2 * 1000 // fmt.sample_rate
-        end_ms = min(event.audio_end_ms, total_ms)  # asking past the end clamps, never fails
-        keep = end_ms * fmt.sample_rate // 1000 * (2 if fmt.type == "audio/pcm" else 1)
-        part.audio = base64.b64encode(base64.b64decode(part.audio or "")[:keep]).decode()
-        part.transcript = ""
-        self.emit(ev.ConversationItemTruncated(item_id=item.id or "", content_index=event.content_index,
-                                               audio_end_ms=end_ms))
+        # Asking past the end clamps to the audio's length instead of failing.
+        self._truncate(item, event.content_index, event.audio_end_ms)
 
     async def _on_response_create(self, event: ev.ResponseCreate) -> None:
-        spec = resolve(self, event.response)
-        if spec.in_conversation and self._active is not None:
+        if self._active is not None and (event.response is None or event.response.conversation != "none"):
             raise ProtocolError(
                 f"Conversation already has an active response in progress: {self._active.id}. "
                 "Wait until the response is finished before creating a new one.",
                 code="conversation_already_has_active_response")
+        self._start_response(event.response)
+
+    def _start_response(self, config: ev.ResponseConfig | None) -> ResponseRun:
+        spec = resolve(self, config)
+        self._cancel_idle_timer()
         run = ResponseRun(self, spec)
         self._runs[run.id] = run
         if spec.in_conversation:
             self._active = run
         run.task = asyncio.create_task(run.run(), name=f"response-{run.id}")
+        return run
 
     async def _on_response_cancel(self, event: ev.ResponseCancel) -> None:
         if event.response_id:
@@ -250,34 +412,33 @@ class RealtimeSession:
                 await asyncio.shield(run.task)
 
     async def _on_input_audio_buffer_append(self, event: ev.InputAudioBufferAppend) -> None:
+        fmt = self.config.audio.input.format
         try:
             raw = base64.b64decode(event.audio, validate=True)
-            pcm = decode_to_pcm16(raw, self.config.audio.input.format.type)
+            pcm = decode_to_pcm16(raw, fmt.type)
         except (binascii.Error, ValueError) as exc:
             raise ProtocolError(f"Invalid audio: {exc}", param="audio") from None
-        self._input_pcm.extend(pcm)
+        await self.input.append(pcm, fmt.sample_rate)
 
     async def _on_input_audio_buffer_commit(self, event: ev.InputAudioBufferCommit) -> None:
-        rate = self.config.audio.input.format.sample_rate
-        ms = len(self._input_pcm) // 2 * 1000 // rate
+        ms = self.input.buffered_ms()
         if ms < MIN_COMMIT_MS:
             raise ProtocolError(f"Error committing input audio buffer: buffer too small. Expected at least "
                                 f"{MIN_COMMIT_MS}ms of audio, but buffer only has {ms}ms of audio.",
                                 code="input_audio_buffer_commit_empty")
-        item = Item(id=new_id("item"), type="message", role="user", status="completed",
-                    content=[ContentPart(type="input_audio", transcript=None)])
-        self._input_pcm.clear()
-        previous = self.conversation.insert(item)
-        self.emit(ev.InputAudioBufferCommitted(previous_item_id=previous, item_id=item.id or ""))
-        self.emit(ev.ConversationItemAdded(previous_item_id=previous, item=item.wire()))
-        self.emit(ev.ConversationItemDone(previous_item_id=previous, item=item.wire()))
+        self.commit_audio(self.input.take_all(), new_id("item"))
 
     async def _on_input_audio_buffer_clear(self, event: ev.InputAudioBufferClear) -> None:
-        self._input_pcm.clear()
+        self.input.clear()
         self.emit(ev.InputAudioBufferCleared())
 
     async def _on_output_audio_buffer_clear(self, event: ev.OutputAudioBufferClear) -> None:
-        if self.transport != "webrtc":
+        if self.audio_output is None:
             raise ProtocolError("output_audio_buffer.clear is only supported for WebRTC sessions.",
                                 code="unsupported_event", param="type")
-        # No audio output track is playing anything yet: nothing to clear.
+        cleared = self.audio_output.clear()
+        if cleared is not None:
+            self.emit(ev.OutputAudioBufferCleared(response_id=cleared.response_id))
+            item = self.conversation.get(cleared.item_id)
+            if item is not None:
+                self._truncate(item, 0, cleared.played_ms)

@@ -1,0 +1,205 @@
+"""The input audio buffer: resampling, VAD turn detection, commits, speculative transcription.
+
+All audio is kept at 16 kHz PCM16 (what VAD and Whisper want). Positions are milliseconds of
+input audio since the session started, which is what `audio_start_ms` / `audio_end_ms` mean on
+the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from ..audio.resample import StreamResampler
+from ..protocol import events as ev
+from ..protocol.events import new_id
+from ..protocol.session import SemanticVad, ServerVad
+from .turns import SilenceBegan, SpeechResumed, SpeechStarted, SpeechStopped, VadTurnDetector
+
+if TYPE_CHECKING:
+    from .session import RealtimeSession
+
+log = logging.getLogger(__name__)
+
+RATE = 16_000
+BYTES_PER_MS = RATE * 2 // 1000
+# Until the smart-turn model lands, semantic_vad waits this long after speech per eagerness.
+SEMANTIC_SILENCE_MS = {"low": 1500, "medium": 800, "auto": 800, "high": 500}
+# Most audio a manual (turn_detection: null) buffer holds before the oldest is dropped.
+MAX_MANUAL_BUFFER_MS = 15 * 60 * 1000
+
+
+def _ms_to_bytes(ms: float) -> int:
+    return int(ms * RATE / 1000) * 2
+
+
+class InputAudio:
+    """Owns the session's input buffer and turn detector."""
+
+    def __init__(self, session: RealtimeSession):
+        self.s = session
+        self.buf = bytearray()
+        self.buf_start_ms = 0.0  # stream position of buf[0]
+        self.total_ms = 0.0  # stream position of the end of buf
+        self._resamplers: dict[int, StreamResampler] = {}
+        vad = session.ctx.vad
+        self._vad_stream = vad.new_stream() if vad is not None else None
+        self._vad_pos_ms = 0.0
+        self._detector: VadTurnDetector | None = None
+        self._speech_item_id: str | None = None
+        self._speech_start_ms = 0
+        self._speculation: tuple[int, asyncio.Task] | None = None
+        self.configure()
+
+    # ------------------------------------------------------------------ config
+
+    def configure(self) -> None:
+        """Apply the session's current turn_detection (called after every session.update)."""
+        td = self.s.config.audio.input.turn_detection
+        if td is None or self._vad_stream is None:
+            if self._detector is not None and self._detector.in_speech:
+                self._cancel_speculation()
+            self._detector = None
+            return
+        threshold, silence = self._params(td)
+        if self._detector is None:
+            frame_ms = self.s.ctx.vad.frame_ms  # type: ignore[union-attr]
+            self._detector = VadTurnDetector(threshold, silence, frame_ms)
+            self._vad_pos_ms = self.total_ms
+        else:
+            self._detector.reconfigure(threshold, silence)
+
+    @staticmethod
+    def _params(td: ServerVad | SemanticVad) -> tuple[float, int]:
+        if isinstance(td, ServerVad):
+            return td.threshold, td.silence_duration_ms
+        return 0.5, SEMANTIC_SILENCE_MS[td.eagerness]
+
+    @property
+    def turn_detection_enabled(self) -> bool:
+        return self._detector is not None
+
+    # ------------------------------------------------------------------ audio in
+
+    async def append(self, pcm16: bytes, rate: int) -> None:
+        """Add caller audio at any rate; runs turn detection on it."""
+        resampler = self._resamplers.get(rate)
+        if resampler is None:
+            resampler = self._resamplers[rate] = StreamResampler(rate, RATE)
+        pcm = resampler.process(pcm16)
+        if not pcm:
+            return
+        self.buf.extend(pcm)
+        self.total_ms += len(pcm) / BYTES_PER_MS
+        if self._detector is not None and self._vad_stream is not None:
+            probs = await self._vad_stream.process(pcm)
+            for prob in probs:
+                start = self._vad_pos_ms
+                self._vad_pos_ms += self._detector.frame_ms
+                for event in self._detector.feed(prob, start):
+                    await self._on_turn_event(event)
+                if self._detector is None:  # a handler turned detection off
+                    break
+        self._trim()
+
+    def _trim(self) -> None:
+        if self._detector is not None and not self._detector.in_speech:
+            td = self.s.config.audio.input.turn_detection
+            keep_ms = (td.prefix_padding_ms if isinstance(td, ServerVad) else 300) + 100
+        elif self._detector is None:
+            keep_ms = MAX_MANUAL_BUFFER_MS
+        else:
+            return
+        excess = len(self.buf) - _ms_to_bytes(keep_ms)
+        if excess > 0:
+            del self.buf[:excess]
+            self.buf_start_ms += excess / BYTES_PER_MS
+
+    def segment(self, start_ms: float, end_ms: float) -> bytes:
+        a = max(0, _ms_to_bytes(start_ms - self.buf_start_ms))
+        b = max(a, _ms_to_bytes(end_ms - self.buf_start_ms))
+        return bytes(self.buf[a:b])
+
+    def drop_until(self, ms: float) -> None:
+        cut = min(len(self.buf), max(0, _ms_to_bytes(ms - self.buf_start_ms)))
+        del self.buf[:cut]
+        self.buf_start_ms += cut / BYTES_PER_MS
+
+    def take_all(self) -> bytes:
+        """Everything buffered, for a manual commit; the buffer is emptied.
+
+        The streaming resamplers hold back a few ms of filter delay; flush them so a commit
+        includes every sample the client sent.
+        """
+        for rate, resampler in list(self._resamplers.items()):
+            tail = resampler.flush()
+            self.buf.extend(tail)
+            self.total_ms += len(tail) / BYTES_PER_MS
+            self._resamplers[rate] = StreamResampler(rate, RATE)
+        data = bytes(self.buf)
+        self.buf_start_ms = self.total_ms
+        self.buf.clear()
+        return data
+
+    def clear(self) -> None:
+        self.take_all()
+        self._cancel_speculation()
+        if self._detector is not None:
+            self._detector.reset()
+        self._speech_item_id = None
+
+    @property
+    def speaking(self) -> bool:
+        return self._detector is not None and self._detector.in_speech
+
+    def buffered_ms(self) -> int:
+        return len(self.buf) // BYTES_PER_MS
+
+    # ------------------------------------------------------------------ turns
+
+    async def _on_turn_event(self, event: object) -> None:
+        td = self.s.config.audio.input.turn_detection
+        if isinstance(event, SpeechStarted):
+            self._speech_item_id = new_id("item")
+            self._speech_start_ms = event.start_ms
+            self.s.emit(ev.InputAudioBufferSpeechStarted(audio_start_ms=event.start_ms,
+                                                         item_id=self._speech_item_id))
+            await self.s.on_user_speech(interrupt=bool(td and td.interrupt_response))
+        elif isinstance(event, SilenceBegan):
+            self._cancel_speculation()
+            pcm = self.segment(self._speech_start_ms - self._padding(), event.speech_end_ms)
+            self._speculation = (event.speech_end_ms, self.s.transcriber.speculate(pcm))
+        elif isinstance(event, SpeechResumed):
+            self._cancel_speculation()
+        elif isinstance(event, SpeechStopped):
+            item_id = self._speech_item_id or new_id("item")
+            self._speech_item_id = None
+            self.s.emit(ev.InputAudioBufferSpeechStopped(audio_end_ms=event.end_ms, item_id=item_id))
+            pcm = self.segment(self._speech_start_ms - self._padding(), event.end_ms)
+            self.drop_until(event.end_ms)
+            speculative = None
+            if self._speculation is not None and self._speculation[0] == event.speech_end_ms:
+                speculative = self._speculation[1]
+                self._speculation = None
+            self._cancel_speculation()
+            self.s.commit_audio(pcm, item_id, speculative)
+            if td is not None and td.create_response:
+                self.s.request_auto_response()
+
+    def _padding(self) -> int:
+        td = self.s.config.audio.input.turn_detection
+        return td.prefix_padding_ms if isinstance(td, ServerVad) else 300
+
+    def _cancel_speculation(self) -> None:
+        if self._speculation is not None:
+            self._speculation[1].cancel()
+            self._speculation = None
+
+    async def close(self) -> None:
+        if self._speculation is not None:
+            task = self._speculation[1]
+            self._cancel_speculation()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

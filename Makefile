@@ -16,7 +16,7 @@ $(BIN)/python:
 
 # Installs the package and its test tools; re-runs only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,voice,piper]'
 	touch $@
 
 install: $(VENV)/.installed

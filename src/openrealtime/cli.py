@@ -49,7 +49,11 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("uvicorn.error").addFilter(_DenialNoiseFilter())
     app = create_app(settings)
     if args.preload:
-        asyncio.run(app.state.llm.resolve(None))
+        async def preload() -> None:
+            await app.state.llm.resolve(None)
+            await app.state.speech.warmup()
+
+        asyncio.run(preload())
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                 ws_max_size=settings.max_event_bytes)
     return 0

@@ -54,6 +54,20 @@ class Settings(BaseSettings):
         / "openrealtime"
     )
 
+    # Speech stages (offline defaults: Silero VAD, Whisper tiny.en, Piper en_US-joe-medium).
+    vad_enabled: bool = True
+    vad_threads: int = 1
+    vad_model: str | None = None  # a Silero v6 ONNX file; default: the one faster-whisper ships
+    stt_enabled: bool = True
+    stt_model: str | None = None  # a CTranslate2 Whisper directory; default: the bundled tiny.en
+    stt_threads: int = 2
+    stt_beam_size: int = 1
+    stt_compute_type: str = "int8"
+    tts_enabled: bool = True
+    tts_model: str | None = None  # a Piper .onnx voice; default: the bundled en_US-joe-medium
+    tts_config: str | None = None
+    tts_threads: int = 1
+
     default_instructions: str = (
         "You are a helpful, concise voice assistant. Answer in one or two short sentences."
     )

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from ..backends.registry import LLMRegistry
+from ..backends.speech_registry import load_speech_backends
 from ..config import Settings
 from ..engine import EngineContext
 from ..transports.webrtc import CallManager
@@ -22,12 +23,16 @@ log = logging.getLogger("openrealtime")
 def create_app(settings: Settings) -> FastAPI:
     """Build the app; models load lazily on first use (or eagerly with `preload`)."""
     llm = LLMRegistry(settings)
+    speech = load_speech_backends(settings)
     ctx = EngineContext(
         resolve_llm=llm.resolve,
         default_model=settings.llm_model,
         default_instructions=settings.default_instructions,
         session_ttl_s=settings.session_ttl_s,
         max_event_bytes=settings.max_event_bytes,
+        vad=speech.vad,
+        stt=speech.stt,
+        tts=speech.tts,
     )
 
     @asynccontextmanager
@@ -37,11 +42,13 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await app.state.calls.close()
             await llm.close()
+            await speech.close()
 
     app = FastAPI(title="openrealtime", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.keys = KeyChecker(settings.api_keys)
     app.state.llm = llm
+    app.state.speech = speech
     app.state.engine = ctx
     app.state.calls = CallManager(settings, ctx)
     install_error_handlers(app)
@@ -53,6 +60,15 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models() -> dict:
         return {"object": "list", "data": llm.available_models()}
+
+    @app.get("/v1/voices", dependencies=[Depends(require_key)])
+    async def voices() -> dict:
+        tts = speech.tts
+        data = [] if tts is None else [
+            {"id": v.id, "object": "voice", "name": v.name, "language": v.language, "aliases": list(v.aliases)}
+            for v in tts.voices()
+        ]
+        return {"object": "list", "data": data}
 
     app.include_router(calls_router)
     app.include_router(ws_router)

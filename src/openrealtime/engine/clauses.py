@@ -55,3 +55,11 @@ class ClauseSplitter:
             space = buf.rfind(" ", 0, self.max_chars)
             return space + 1 if space > 0 else self.max_chars
         return None
+
+
+_MARKUP = re.compile(r"[*_`#~>|]+|\[(?P<label>[^\]]*)\]\([^)]*\)")
+
+
+def speakable(text: str) -> str:
+    """Text as it should be read aloud: markdown symbols dropped (TTS would say "asterisk")."""
+    return " ".join(_MARKUP.sub(lambda m: m.group("label") or "", text).split())

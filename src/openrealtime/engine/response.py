@@ -19,7 +19,7 @@ from ..protocol.errors import ProtocolError
 from ..protocol.events import ItemReference, ResponseConfig, new_id
 from ..protocol.items import ContentPart, Item
 from .audio_io import OUTPUT_RATE
-from .clauses import ClauseSplitter
+from .clauses import ClauseSplitter, speakable
 
 if TYPE_CHECKING:
     from .session import RealtimeSession
@@ -297,7 +297,7 @@ class ResponseRun:
         if not self.first_audio_at:
             self.speech_requested_at = self.speech_requested_at or time.monotonic()
         async with contextlib.aclosing(
-                tts.synthesize(clause.strip(), voice=self.spec.voice, speed=self.spec.speed)) as chunks:
+                tts.synthesize(speakable(clause), voice=self.spec.voice, speed=self.spec.speed)) as chunks:
             async for chunk in chunks:
                 self._play(item, self._resampler.process(chunk))
         self.audio.clauses.append((start, self.audio.ms, clause))

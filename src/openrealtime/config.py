@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # Largest client event we accept, in bytes (base64 audio chunks included).
     max_event_bytes: int = 15 * 1024 * 1024
 
+    # Origins whose browser pages may call the API (keys travel as bearer tokens, not cookies).
+    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+
     ice: IceConfig = Field(default_factory=IceConfig)
 
     @classmethod

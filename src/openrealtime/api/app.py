@@ -6,6 +6,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from ..backends.registry import LLMRegistry
 from ..backends.speech_registry import load_speech_backends
@@ -52,6 +53,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.engine = ctx
     app.state.calls = CallManager(settings, ctx)
     install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "Accept"], expose_headers=["Location"])
 
     @app.get("/healthz")
     async def healthz() -> dict:

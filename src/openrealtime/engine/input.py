@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from ..audio.resample import StreamResampler
@@ -174,6 +175,8 @@ class InputAudio:
         elif isinstance(event, SpeechResumed):
             self._cancel_speculation()
         elif isinstance(event, SpeechStopped):
+            self.s.turn_marks = {"speech_stopped": time.monotonic(),
+                                 "speculative_stt": float(self._speculation is not None)}
             item_id = self._speech_item_id or new_id("item")
             self._speech_item_id = None
             self.s.emit(ev.InputAudioBufferSpeechStopped(audio_end_ms=event.end_ms, item_id=item_id))

@@ -144,8 +144,10 @@ class ResponseRun:
         tts_rate = session.ctx.tts.sample_rate if session.ctx.tts else OUTPUT_RATE
         self._resampler = StreamResampler(tts_rate, OUTPUT_RATE)
         self._g711_resampler = StreamResampler(OUTPUT_RATE, 8000)
-        self.speech_requested_at = 0.0
         self.first_audio_at = 0.0
+        # Stage marks (monotonic seconds) for the latency waterfall; the turn's own marks first.
+        self.marks: dict[str, float] = {**session.turn_marks, "response_created": time.monotonic()}
+        session.turn_marks = {}
 
     # ------------------------------------------------------------------ state
 
@@ -206,6 +208,7 @@ class ResponseRun:
         finished: Finished | None = None
         try:
             await self.session.transcriber.wait_for([i.id for i in self._source if i.id])
+            self.marks["prompt_ready"] = time.monotonic()
             self.messages = self._messages(self._source)
             llm = await self.session.ctx.resolve_llm(self.session.config.model)
             max_tokens = self.spec.max_output_tokens
@@ -245,6 +248,7 @@ class ResponseRun:
         async with contextlib.aclosing(llm.stream(self.messages, params)) as stream:
             async for chunk in stream:
                 if isinstance(chunk, TextDelta):
+                    self.marks.setdefault("llm_first_token", time.monotonic())
                     if chunk.text:
                         self._deltas += 1
                         self._text.append(chunk.text)
@@ -264,6 +268,7 @@ class ResponseRun:
                 async with contextlib.aclosing(llm.stream(self.messages, params)) as stream:
                     async for chunk in stream:
                         if isinstance(chunk, TextDelta):
+                            self.marks.setdefault("llm_first_token", time.monotonic())
                             self._deltas += 1
                             for clause in splitter.push(chunk.text):
                                 clauses.put_nowait(clause)
@@ -294,8 +299,7 @@ class ResponseRun:
         start = self.audio.ms
         self._text.append(clause)
         self.session.emit(ev.ResponseOutputAudioTranscriptDelta(**self._part_ids(item), delta=clause))
-        if not self.first_audio_at:
-            self.speech_requested_at = self.speech_requested_at or time.monotonic()
+        self.marks.setdefault("first_clause", time.monotonic())
         async with contextlib.aclosing(
                 tts.synthesize(speakable(clause), voice=self.spec.voice, speed=self.spec.speed)) as chunks:
             async for chunk in chunks:
@@ -310,7 +314,7 @@ class ResponseRun:
         if not pcm24 and not final:
             return
         if pcm24 and not self.first_audio_at:
-            self.first_audio_at = time.monotonic()
+            self.first_audio_at = self.marks["tts_first_chunk"] = time.monotonic()
         self.audio.pcm.extend(pcm24)
         output = self.session.audio_output
         if output is not None:

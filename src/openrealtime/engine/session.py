@@ -97,6 +97,9 @@ class RealtimeSession:
         self.input_audio: dict[str, bytes] = {}  # committed user audio (16 kHz) by item id
         self.spoken: dict[str, SpokenAudio] = {}  # assistant audio by item id
         self._idle_task: asyncio.Task | None = None
+        # Stage marks of the turn being answered (see ResponseRun.marks); logged per response.
+        self.turn_marks: dict[str, float] = {}
+        self._audio_out_marks: dict[str, dict[str, float]] = {}
         self._idle_armed_at_ms = 0.0
 
     # ------------------------------------------------------------------ public API
@@ -188,8 +191,28 @@ class RealtimeSession:
                                 code="invalid_value", param=param)
         return found.id
 
+    def _log_timing(self, response_id: str, marks: dict[str, float]) -> None:
+        """One structured line per answered turn: bench/voice_latency.py reads these."""
+        base = marks.get("speech_stopped", marks.get("response_created", 0.0))
+        rel = {k: round((v - base) * 1000, 1) for k, v in marks.items() if k != "speculative_stt"}
+        rel["speculative_stt"] = marks.get("speculative_stt", 0.0)
+        log.info("turn-timing %s", json.dumps({"session": self.id, "response": response_id,
+                                               "transport": self.transport, "ms": rel}))
+
     def response_finished(self, run: ResponseRun) -> None:
         self._runs.pop(run.id, None)
+        if run.speaks and self.audio_output is not None and run.audio.ms:
+            # WebRTC: the first audio "out" is when the player really starts sending it.
+            marks = self._audio_out_marks.setdefault(run.id, {})
+            marks.update(run.marks)
+            while len(self._audio_out_marks) > 8:  # responses cleared before they were heard
+                self._audio_out_marks.pop(next(iter(self._audio_out_marks)))
+            if "audio_out" in marks:
+                self._log_timing(run.id, self._audio_out_marks.pop(run.id))
+        else:
+            if run.first_audio_at:
+                run.marks["audio_out"] = run.first_audio_at
+            self._log_timing(run.id, run.marks)
         if run.speaks and run.audio.ms:
             if self.audio_output is not None:
                 self.audio_output.finish(run.id)
@@ -248,6 +271,10 @@ class RealtimeSession:
 
     def playback_started(self, response_id: str) -> None:
         self._cancel_idle_timer()
+        marks = self._audio_out_marks.setdefault(response_id, {})
+        marks["audio_out"] = time.monotonic()
+        if "response_created" in marks:  # the response already finished
+            self._log_timing(response_id, self._audio_out_marks.pop(response_id))
         self.emit(ev.OutputAudioBufferStarted(response_id=response_id))
 
     def playback_stopped(self, response_id: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,6 +82,7 @@ class Transcriber:
             if result is None:
                 result = await self._run(pcm16k)
             text = result.done.text
+            self.s.turn_marks.setdefault("stt_done", time.monotonic())
             if item.content:
                 item.content[0].transcript = text
             if report:

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from openai import AsyncOpenAI
+
 from tests.audio_fixtures import silence, speak
 
 from .conftest import Server, assert_valid_server_event

@@ -197,7 +197,7 @@ class RealtimeSession:
         rel = {k: round((v - base) * 1000, 1) for k, v in marks.items() if k != "speculative_stt"}
         rel["speculative_stt"] = marks.get("speculative_stt", 0.0)
         log.info("turn-timing %s", json.dumps({"session": self.id, "response": response_id,
-                                               "transport": self.transport, "ms": rel}))
+                                               "transport": self.transport, "base_monotonic": base, "ms": rel}))
 
     def response_finished(self, run: ResponseRun) -> None:
         self._runs.pop(run.id, None)

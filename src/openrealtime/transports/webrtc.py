@@ -5,6 +5,10 @@ client-created `oai-events` data channel and audio over the media track. Everyth
 (tasks, the peer connection, the session) is owned by its `Call` and torn down in one place,
 `Call._close`, whatever ended it: hangup, ICE/DTLS failure, the data channel closing, the session
 closing, a peer that never connects, or server shutdown.
+
+Audio: the caller's first audio track is decoded by aiortc, downmixed to mono PCM16 and pushed to
+`session.push_audio`; the session speaks through a `PacedAudioTrack` (its `audio_output`), which
+paces the outgoing frames itself and tells the engine what was actually sent.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import av
+import numpy as np
 from aioice import Candidate, Connection
 from aioice.candidate import candidate_foundation
 from aiortc import (
@@ -39,8 +44,10 @@ from aiortc import sdp as aiortc_sdp
 from aiortc.exceptions import InternalError, InvalidAccessError, InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamError
 
+from ..audio.player import PacedAudioTrack
 from ..config import IceConfig, Settings
 from ..engine import EngineContext, InvalidSessionConfig, RealtimeSession
+from ..engine.audio_io import AudioOutput
 
 log = logging.getLogger("openrealtime.webrtc")
 
@@ -51,6 +58,9 @@ MAX_OFFER_BYTES = 256 * 1024
 # reading cannot make us buffer without bound.
 _SEND_HIGH_WATER = 1024 * 1024
 _SEND_LOW_WATER = 256 * 1024
+# Caller audio is handed to the engine in chunks of at least this long: decoded Opus frames are
+# 20 ms already; shorter ones (10 ms ptime) are batched so the engine is not called 100 times/s.
+_MIN_PUSH_MS = 20
 
 __all__ = [
     "EVENTS_CHANNEL",
@@ -61,6 +71,7 @@ __all__ = [
     "ShuttingDown",
     "SilenceTrack",
     "build_ice_servers",
+    "frame_to_mono_pcm16",
     "parse_offer",
     "turn_rest_credentials",
 ]
@@ -224,7 +235,8 @@ class HostAddressPlan:
 class SilenceTrack(MediaStreamTrack):
     """Outgoing audio: 20 ms frames of 48 kHz mono silence, paced in real time.
 
-    A placeholder so `sendrecv` offers get a real sending track; the audio pipeline replaces it.
+    What a call sends when the manager's `outgoing_audio_factory` is set to it: a transport that
+    speaks nothing (tests of the transport alone). The default is the paced player.
     """
 
     kind = "audio"
@@ -259,6 +271,32 @@ class SilenceTrack(MediaStreamTrack):
         return frame
 
 
+def frame_to_mono_pcm16(frame: av.AudioFrame) -> bytes:
+    """Caller audio as the engine takes it: mono PCM16 at the frame's own rate.
+
+    aiortc's Opus decoder yields packed s16 stereo (both channels equal for a mono mic); other
+    layouts and float formats are downmixed by averaging the channels.
+    """
+    fmt = frame.format
+    channels = len(frame.layout.channels)
+    if fmt.name in ("s16", "s16p") and channels == 1:
+        return bytes(frame.planes[0])[: frame.samples * 2]
+    data = frame.to_ndarray()
+    if not fmt.is_planar:  # interleaved: one row of samples*channels values
+        data = data.reshape(-1, channels).T
+    if data.dtype.kind == "f":
+        mono = np.clip(data.mean(axis=0) * 32768.0, -32768, 32767)
+    elif data.dtype == np.int16:
+        mono = data.sum(axis=0, dtype=np.int32) // channels
+    elif data.dtype == np.int32:
+        mono = (data.sum(axis=0, dtype=np.int64) // channels) >> 16
+    elif data.dtype == np.uint8:
+        mono = (data.sum(axis=0, dtype=np.int32) // channels - 128) << 8
+    else:
+        raise ValueError(f"unsupported audio sample format {fmt.name!r}")
+    return mono.astype("<i2").tobytes()
+
+
 # --------------------------------------------------------------------------- calls
 
 
@@ -278,6 +316,7 @@ class Call:
         self.end_reason: str | None = None
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: see CallManager
         self.outgoing_audio: MediaStreamTrack | None = None
+        self.incoming_audio: MediaStreamTrack | None = None  # the caller's mic: the first audio track
         self.channel: RTCDataChannel | None = None
         self.ended = asyncio.Event()  # set once everything is torn down
         self._manager = manager
@@ -319,6 +358,13 @@ class Call:
         # we return is complete.
         await self.pc.setLocalDescription(answer)
         self.answer_sdp = self.pc.localDescription.sdp
+        sending = any(t.kind == "audio" and "send" in (t.currentDirection or "")
+                      for t in self.pc.getTransceivers())
+        if sending and isinstance(self.outgoing_audio, AudioOutput):
+            # Before session.start(): the engine speaks through the track instead of sending
+            # `response.output_audio.delta` events. A client that receives no audio (a sendonly
+            # offer) never pulls frames, so it gets no player that would wait forever.
+            self.session.audio_output = self.outgoing_audio  # type: ignore[attr-defined]
 
     def _run(self) -> None:
         self._started = True
@@ -392,7 +438,11 @@ class Call:
             self.request_close(f"ICE {self.pc.iceConnectionState}")
 
     def _on_track(self, track: MediaStreamTrack) -> None:
-        self._spawn(self._consume_track(track), f"track-{track.kind}")
+        if track.kind == "audio" and self.incoming_audio is None:
+            self.incoming_audio = track
+            self._spawn(self._consume_mic(track), "mic")
+        else:
+            self._spawn(self._drain_track(track), f"track-{track.kind}")
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         if channel.label != EVENTS_CHANNEL:
@@ -440,16 +490,51 @@ class Call:
             except Exception:  # the engine reports bad input as error events; this is a bug
                 log.exception("call %s: session failed to handle an event", self.id)
 
-    async def _consume_track(self, track: MediaStreamTrack) -> None:
-        """Pull the caller's frames so aiortc never stalls; frames go to `_on_audio_frame`."""
+    async def _drain_track(self, track: MediaStreamTrack) -> None:
+        """Pull frames nobody uses (a second audio track, video) so aiortc's queue never grows."""
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                await track.recv()
+
+    async def _consume_mic(self, track: MediaStreamTrack) -> None:
+        """Caller audio -> session as mono PCM16, in chunks of >= 20 ms so latency stays low."""
+        push: Callable[[bytes, int], Coroutine[Any, Any, None]] | None = getattr(
+            self.session, "push_audio", None)
+        pending = bytearray()
+        rate = 0
+        failed_at: float | None = None
+        warned = False
+
+        async def flush() -> None:
+            nonlocal failed_at
+            chunk = bytes(pending)
+            pending.clear()
+            try:
+                await push(chunk, rate)  # type: ignore[misc]
+            except Exception:  # an engine bug must not end the call; log it, rate-limited
+                now = time.monotonic()
+                if failed_at is None or now - failed_at > 10:
+                    failed_at = now
+                    log.exception("call %s: the session failed to take caller audio", self.id)
+
         with contextlib.suppress(MediaStreamError):
             while True:
                 frame = await track.recv()
-                if track.kind == "audio":
-                    await self._on_audio_frame(frame)
-
-    async def _on_audio_frame(self, frame: av.AudioFrame) -> None:
-        """Caller audio (48 kHz Opus decoded by aiortc). Dropped until the audio pipeline lands."""
+                if push is None:
+                    continue  # an engine without audio input: keep draining
+                try:
+                    pcm = frame_to_mono_pcm16(frame)
+                except ValueError:
+                    if not warned:
+                        warned = True
+                        log.warning("call %s: dropping caller audio in format %s", self.id, frame.format.name)
+                    continue
+                if frame.sample_rate != rate and pending:
+                    await flush()
+                rate = frame.sample_rate
+                pending += pcm
+                if len(pending) * 1000 >= _MIN_PUSH_MS * rate * 2:
+                    await flush()
 
     async def _connect_watchdog(self, timeout_s: float) -> None:
         try:
@@ -482,8 +567,9 @@ class CallManager:
         # Builds each call's session; tests substitute a scripted one to exercise the transport alone.
         self.session_factory = session_factory
         self.address_plan = HostAddressPlan(settings.ice.addresses, settings.ice.gather_interfaces)
-        # Seam for the audio pipeline: builds the track each call sends to the client.
-        self.outgoing_audio_factory: Callable[[], MediaStreamTrack] = SilenceTrack
+        # Builds the track each call sends to the client; when it is an AudioOutput (the paced
+        # player) the session speaks through it. Tests may substitute a plain SilenceTrack.
+        self.outgoing_audio_factory: Callable[[], MediaStreamTrack] = PacedAudioTrack
         self._calls: dict[str, Call] = {}
         self._closers: set[asyncio.Task[None]] = set()
         self._shut_down = False

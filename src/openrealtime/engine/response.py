@@ -207,7 +207,9 @@ class ResponseRun:
         item: Item | None = None
         finished: Finished | None = None
         try:
-            await self.session.transcriber.wait_for([i.id for i in self._source if i.id])
+            stt_done = await self.session.transcriber.wait_for([i.id for i in self._source if i.id])
+            if stt_done is not None:
+                self.marks["stt_done"] = stt_done
             self.marks["prompt_ready"] = time.monotonic()
             self.messages = self._messages(self._source)
             llm = await self.session.ctx.resolve_llm(self.session.config.model)

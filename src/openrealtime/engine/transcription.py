@@ -35,6 +35,7 @@ class Transcriber:
         self.s = session
         self._pending: dict[str, asyncio.Future[str]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.finished_at: dict[str, float] = {}  # item id -> when its transcript was ready
 
     def _spawn(self, coro, name: str) -> asyncio.Task:
         task = asyncio.create_task(coro, name=name)
@@ -82,7 +83,9 @@ class Transcriber:
             if result is None:
                 result = await self._run(pcm16k)
             text = result.done.text
-            self.s.turn_marks.setdefault("stt_done", time.monotonic())
+            self.finished_at[item_id] = time.monotonic()
+            while len(self.finished_at) > 64:  # items no response waited for
+                self.finished_at.pop(next(iter(self.finished_at)))
             if item.content:
                 item.content[0].transcript = text
             if report:
@@ -108,11 +111,16 @@ class Transcriber:
                 future.set_result(text)
             self._pending.pop(item_id, None)
 
-    async def wait_for(self, item_ids: list[str]) -> None:
-        """Block until the transcripts these items are waiting for exist (or failed)."""
+    async def wait_for(self, item_ids: list[str]) -> float | None:
+        """Block until the transcripts these items are waiting for exist (or failed).
+
+        Returns when the last of them was ready (for the latency waterfall), if any was transcribed.
+        """
         futures = [self._pending[i] for i in item_ids if i in self._pending]
         if futures:
             await asyncio.gather(*(asyncio.shield(f) for f in futures))
+        times = [self.finished_at.pop(i) for i in item_ids if i in self.finished_at]
+        return max(times) if times else None
 
     async def close(self) -> None:
         tasks = list(self._tasks)

@@ -1,0 +1,235 @@
+"""Voice-to-voice latency: end of user speech in the sent audio -> first audible reply at the client.
+
+Runs the real server (offline stack, default the 0.5B model), speaks several questions into it in
+real time over WebRTC (aiortc peer, Opus both ways) and WebSocket (openai SDK, PCM deltas), and
+measures at the client. The per-stage waterfall comes from the server's `turn-timing` log lines,
+whose monotonic timestamps share this machine's clock with the client.
+
+Prints one table and writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from openai import AsyncOpenAI  # noqa: E402
+
+from tests.audio_fixtures import silence, speak  # noqa: E402
+from tests.e2e.conftest import Server, start_server, stop_server  # noqa: E402
+from tests.e2e.webrtc_client import MicTrack, Peer, open_call  # noqa: E402
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "How many days are there in a week?",
+    "Can you name a large animal?",
+    "What colour is the sky on a clear day?",
+    "Tell me something about the moon.",
+    "What do bees make?",
+]
+AUDIBLE_RMS = 300.0  # PCM16 RMS above this counts as reply speech, not silence or codec noise
+STAGES = ["speech_stopped", "stt_done", "prompt_ready", "llm_first_token", "first_clause",
+          "tts_first_chunk", "audio_out"]
+
+
+def session_config(silence_ms: int) -> dict[str, Any]:
+    return {
+        "type": "realtime", "output_modalities": ["audio"],
+        "instructions": "You are a helpful voice assistant. Answer in one short sentence.",
+        "audio": {"input": {"transcription": {"model": "whisper-1"},
+                            "turn_detection": {"type": "server_vad", "silence_duration_ms": silence_ms}}},
+    }
+
+
+def rms(pcm: bytes) -> float:
+    x = np.frombuffer(pcm, "<i2").astype(np.float64)
+    return float(np.sqrt((x ** 2).mean())) if len(x) else 0.0
+
+
+class TimedMic(MicTrack):
+    """A MicTrack that notes when the last sample of the current utterance left the client."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0  # samples handed to aiortc
+        self.speech_end_sample = 0
+        self.speech_end_at = 0.0
+
+    async def recv(self):
+        frame = await super().recv()
+        self.sent += frame.samples
+        if not self.speech_end_at and self.speech_end_sample and self.sent >= self.speech_end_sample:
+            self.speech_end_at = time.monotonic()
+        return frame
+
+    def utter(self, speech48: bytes, trailing_ms: int) -> None:
+        self.speech_end_at = 0.0
+        self.speech_end_sample = self.sent + (self.remaining_ms * 48) + len(speech48) // 2
+        self.say(speech48 + silence(trailing_ms, 48_000))
+
+
+def server_marks(server: Server, response_id: str) -> dict[str, float]:
+    """Absolute monotonic time of each stage of a response, from the server log."""
+    for line in server.log_text().splitlines():
+        if "turn-timing" in line and response_id in line:
+            data = json.loads(line.split("turn-timing ", 1)[1])
+            base = data["base_monotonic"]
+            return {k: base + v / 1000 for k, v in data["ms"].items() if k in STAGES}
+    return {}
+
+
+async def webrtc_turns(server: Server, questions: list[bytes], silence_ms: int) -> list[dict]:
+    mic = TimedMic()
+    peer, _, _ = await open_call(server, peer=Peer(mic=mic, record=True))
+    rows = []
+    try:
+        peer.send({"type": "session.update", "session": session_config(silence_ms)})
+        await peer.collect("session.updated")
+        for pcm24 in questions:
+            heard_from = len(peer.heard)
+            mic.utter(speak_48(pcm24), trailing_ms=silence_ms + 1500)
+            events = await peer.collect("response.done", wait_s=120)
+            response_id = events[-1]["response"]["id"]
+            await peer.collect("output_audio_buffer.stopped", wait_s=120)
+            first = next((h for h in peer.heard[heard_from:] if h.at > mic.speech_end_at and h.rms > AUDIBLE_RMS),
+                         None)
+            rows.append(turn_row(server, response_id, mic.speech_end_at, first.at if first else None))
+            await asyncio.sleep(0.5)
+    finally:
+        await peer.close()
+    return rows
+
+
+def speak_48(pcm24: bytes) -> bytes:
+    from openrealtime.audio.resample import resample
+    return resample(pcm24, 24_000, 48_000)
+
+
+async def websocket_turns(server: Server, questions: list[bytes], silence_ms: int) -> list[dict]:
+    client = AsyncOpenAI(api_key=server.api_key, base_url=f"{server.base_url}/v1",
+                         websocket_base_url=f"{server.ws_url}/v1")
+    rows = []
+    async with client.realtime.connect(model="gpt-realtime") as conn:
+        await conn.session.update(session=session_config(silence_ms))  # type: ignore[arg-type]
+        state: dict[str, Any] = {"first_audible": None, "done": None, "audio_ms": 0}
+        new_event = asyncio.Event()
+
+        async def reader() -> None:
+            async for event in conn:
+                if event.type == "response.output_audio.delta":
+                    chunk = base64.b64decode(event.delta)
+                    state["audio_ms"] += len(chunk) // 48
+                    if state["first_audible"] is None and rms(chunk) > AUDIBLE_RMS:
+                        state["first_audible"] = time.monotonic()
+                elif event.type == "response.done":
+                    state["done"] = event.response.id
+                new_event.set()
+
+        read_task = asyncio.create_task(reader())
+        try:
+            for pcm24 in questions:
+                state.update(first_audible=None, done=None, audio_ms=0)
+                await send_realtime(conn, silence(300, 24_000))
+                await send_realtime(conn, pcm24)
+                speech_end_at = time.monotonic()
+                trailing = asyncio.create_task(send_realtime(conn, silence(silence_ms + 1500, 24_000)))
+                async with asyncio.timeout(120):
+                    while state["done"] is None:
+                        new_event.clear()
+                        await new_event.wait()
+                await trailing
+                rows.append(turn_row(server, state["done"], speech_end_at, state["first_audible"]))
+                # Let the client "play" the reply before the next question (no barge-in).
+                await asyncio.sleep(state["audio_ms"] / 1000)
+        finally:
+            read_task.cancel()
+    return rows
+
+
+async def send_realtime(conn: Any, pcm24: bytes) -> None:
+    """20 ms chunks, paced against the clock like a microphone."""
+    step = 480 * 2
+    start = time.monotonic()
+    for n, i in enumerate(range(0, len(pcm24), step)):
+        await conn.input_audio_buffer.append(audio=base64.b64encode(pcm24[i:i + step]).decode())
+        await asyncio.sleep(max(0.0, start + (n + 1) * 0.02 - time.monotonic()))
+
+
+def turn_row(server: Server, response_id: str, speech_end_at: float, first_audible_at: float | None) -> dict:
+    marks = server_marks(server, response_id)
+    row: dict[str, Any] = {"response": response_id,
+                           "voice_to_voice_ms": None if first_audible_at is None
+                           else (first_audible_at - speech_end_at) * 1000}
+    for stage in STAGES:
+        row[stage] = (marks[stage] - speech_end_at) * 1000 if stage in marks else None
+    row["client_heard"] = row["voice_to_voice_ms"]
+    return row
+
+
+def median(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+async def run(model: str, silence_ms: int, n: int, transports: list[str]) -> dict:
+    questions = [speak(q, 24_000) for q in (QUESTIONS * 3)[:n]]
+    env = {"OPENREALTIME_LLM_MODEL": model}
+    if os.environ.get("OPENREALTIME_LLM_THREADS"):
+        env["OPENREALTIME_LLM_THREADS"] = os.environ["OPENREALTIME_LLM_THREADS"]
+    server = start_server(env, name="bench-voice")
+    results: dict[str, list[dict]] = {}
+    try:
+        if "webrtc" in transports:
+            results["webrtc"] = await webrtc_turns(server, questions, silence_ms)
+        if "websocket" in transports:
+            results["websocket"] = await websocket_turns(server, questions, silence_ms)
+    finally:
+        stop_server(server)
+    return results
+
+
+def fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-0.5b")
+    parser.add_argument("--silence-ms", type=int, default=500)
+    parser.add_argument("--utterances", type=int, default=6)
+    parser.add_argument("--transports", nargs="+", default=["webrtc", "websocket"])
+    args = parser.parse_args()
+    results = asyncio.run(run(args.model, args.silence_ms, args.utterances, args.transports))
+    cols = [*STAGES, "client_heard"]
+    print(f"\nvoice-to-voice latency, {args.model}, server_vad silence_duration_ms={args.silence_ms}, "
+          f"{os.cpu_count()} CPU cores; medians in ms from the end of user speech")
+    print(f"{'transport':10} {'n':>3} " + " ".join(f"{c:>15}" for c in cols))
+    summary = {}
+    for transport, rows in results.items():
+        med = {c: median([r[c] for r in rows]) for c in cols}
+        summary[transport] = med
+        print(f"{transport:10} {len(rows):>3} " + " ".join(f"{fmt(med[c]):>15}" for c in cols))
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"voice_latency-{re.sub(r'[^a-z0-9.]+', '-', args.model)}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"model": args.model, "silence_ms": args.silence_ms, "cpu_count": os.cpu_count(),
+                                "summary_median_ms": summary, "turns": results}, indent=2))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -29,6 +29,7 @@ lint: install
 	$(BIN)/ruff check src tests bench
 
 test: install
+	bash scripts/install-system-deps.sh
 	$(BIN)/openrealtime models install $(TEST_MODELS)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -p no:cacheprovider -ra
@@ -36,6 +37,7 @@ test: install
 bench: install
 	$(BIN)/openrealtime models install smollm2-135m qwen2.5-0.5b
 	$(BIN)/python bench/text_latency.py --models smollm2-135m qwen2.5-0.5b
+	$(BIN)/python bench/voice_latency.py --model qwen2.5-0.5b
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache test-artifacts bench/results

@@ -8,11 +8,32 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 
 @dataclass(slots=True)
+class ToolSpec:
+    """A function the model may call (JSON-Schema `parameters`)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text
+
+
+@dataclass(slots=True)
 class ChatMessage:
-    """One chat turn in OpenAI chat-completions shape (tools arrive with a later issue)."""
+    """One chat turn in OpenAI chat-completions shape.
+
+    Assistant turns may carry `tool_calls`; a `tool` turn answers the call `tool_call_id`.
+    """
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -23,6 +44,9 @@ class GenerationParams:
     top_p: float = 0.95
     top_k: int = 40
     seed: int | None = None
+    tools: list[ToolSpec] = field(default_factory=list)
+    # "auto" | "none" | "required" | the name of the one function that must be called.
+    tool_choice: str = "auto"
 
 
 @dataclass(slots=True)
@@ -30,6 +54,17 @@ class TextDelta:
     """A piece of generated text (UTF-8 complete: never half a multibyte character)."""
 
     text: str
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """Streamed tool-call output (chat-completions style): the first delta of a call carries its
+    `call_id` and `name`; later ones append to `arguments`. Calls are numbered by `index`."""
+
+    index: int
+    arguments: str = ""
+    call_id: str | None = None
+    name: str | None = None
 
 
 @dataclass(slots=True)
@@ -44,11 +79,11 @@ class Usage:
 class Finished:
     """Always the last item of a stream."""
 
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     usage: Usage = field(default_factory=Usage)
 
 
-LLMEvent = TextDelta | Finished
+LLMEvent = TextDelta | ToolCallDelta | Finished
 
 
 class LLMError(Exception):

@@ -20,7 +20,6 @@ import asyncio
 import importlib.util
 import json
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from openrealtime.backends.speech import TTSError, Voice
+from openrealtime.backends.worker import WorkerThread
 
 logger = logging.getLogger(__name__)
 
@@ -64,31 +64,6 @@ def _voice_from_config(config: dict[str, Any], model_path: Path) -> Voice:
                  language=code.replace("_", "-"), aliases=OPENAI_VOICE_NAMES)
 
 
-class _WorkerThread:
-    """A daemon thread running queued jobs in order; started on first use."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._guard = threading.Lock()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        with self._guard:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
-        self._jobs.put(job)
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                job()
-            except BaseException:  # jobs report their own errors; this is a last resort
-                logger.exception("%s job failed", self._name)
-
-
 class PiperTTS:
     """One Piper voice served from a worker thread; implements ``TTSBackend``."""
 
@@ -123,7 +98,7 @@ class PiperTTS:
         self._voice_info = _voice_from_config(self._config, model)
         self._length_scale = float(self._config.get("inference", {}).get("length_scale", 1.0))
         self._voice: Any = None
-        self._worker = _WorkerThread("piper-tts")
+        self._worker = WorkerThread("piper-tts")
         # Diagnostics: syntheses finished, stopped early by their consumer, and dropped while queued.
         self.stats = {"completed": 0, "cancelled": 0, "skipped": 0}
 
@@ -247,12 +222,7 @@ class PiperTTS:
         """Drop the voice after the jobs already queued (memory is freed with the last reference)."""
         if self._voice is None:
             return
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
         def drop() -> None:
             self._voice = None
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
 
-        self._worker.submit(drop)
-        await done
+        await self._worker.run(drop)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from openrealtime.backends.speech import STTError, TranscriptDelta, TranscriptDone
+from openrealtime.backends.worker import WorkerThread
 
 logger = logging.getLogger(__name__)
 
@@ -59,31 +59,6 @@ def normalize_language(language: str | None) -> str | None:
     return code or None
 
 
-class _WorkerThread:
-    """A daemon thread running queued jobs in order; started on first use."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._guard = threading.Lock()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        with self._guard:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
-        self._jobs.put(job)
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                job()
-            except BaseException:  # jobs report their own errors; this is a last resort
-                logger.exception("%s job failed", self._name)
-
-
 class WhisperSTT:
     """faster-whisper on a local CTranslate2 model directory; implements ``STTBackend``."""
 
@@ -112,7 +87,7 @@ class WhisperSTT:
         self.cpu_threads = cpu_threads
         self.beam_size = max(1, beam_size)
         self._model: Any = None
-        self._worker = _WorkerThread("whisper-stt")
+        self._worker = WorkerThread("whisper-stt")
         # Diagnostics: transcriptions finished, abandoned by their consumer, and dropped while queued.
         self.stats = {"completed": 0, "cancelled": 0, "skipped": 0}
 
@@ -252,28 +227,4 @@ class WhisperSTT:
         def drop() -> None:
             self._model = None
 
-        await _run_on(self._worker, drop)
-
-
-async def _run_on(worker: _WorkerThread, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on the worker thread (after the jobs queued before it) and await its result."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def done(result: Any, exc: BaseException | None) -> None:
-        if not future.done():
-            if exc is not None:
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-
-    def job() -> None:
-        try:
-            result = fn()
-        except BaseException as exc:
-            loop.call_soon_threadsafe(done, None, exc)
-        else:
-            loop.call_soon_threadsafe(done, result, None)
-
-    worker.submit(job)
-    return await future
+        await self._worker.run(drop)

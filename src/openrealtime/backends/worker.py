@@ -1,0 +1,64 @@
+"""A single daemon thread that runs queued jobs in order.
+
+Speech models (Whisper, Piper) are not re-entrant and must never run on the event loop; one thread
+per model owning it, with a FIFO queue, serialises requests without locks in the model code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerThread:
+    """Started on first use; a failing job is logged and the thread keeps serving."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._guard = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._guard:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except BaseException:  # jobs report their own errors; this is a last resort
+                logger.exception("%s job failed", self._name)
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` here (after the jobs queued before it) and await its result on the loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def settle(result: Any, exc: BaseException | None) -> None:
+            if not future.done():
+                if exc is not None:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+
+        def job() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:
+                loop.call_soon_threadsafe(settle, None, exc)
+            else:
+                loop.call_soon_threadsafe(settle, result, None)
+
+        self.submit(job)
+        return await future

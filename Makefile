@@ -21,6 +21,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+LLAMA_SERVER_VENV := $(VENV)/llama-server
+# llama-cpp-python's OpenAI-compatible server: the real third-party upstream of
+# tests/e2e/test_remote_backends.py, in its own venv so its web stack cannot disturb ours.
+# Builds llama.cpp from source once (~3.5 min on 2 cores); pip caches the wheel (then ~10 s).
+$(LLAMA_SERVER_VENV)/.installed: | $(BIN)/python
+	$(PYTHON) -m venv $(LLAMA_SERVER_VENV)
+	$(LLAMA_SERVER_VENV)/bin/pip install -q --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(LLAMA_SERVER_VENV)/bin/pip install -q 'llama-cpp-python[server]==0.3.36'
+	touch $@
+
 serve: install
 	$(BIN)/openrealtime models install $(MODEL)
 	$(BIN)/openrealtime serve --host $(HOST) --port $(PORT) --model $(MODEL)
@@ -28,7 +38,7 @@ serve: install
 lint: install
 	$(BIN)/ruff check src tests bench
 
-test: install
+test: install $(LLAMA_SERVER_VENV)/.installed
 	bash scripts/install-system-deps.sh
 	$(BIN)/openrealtime models install $(TEST_MODELS)
 	$(BIN)/ruff check src tests bench

@@ -46,13 +46,25 @@ STAGES = ["speech_stopped", "stt_done", "prompt_ready", "llm_first_token", "firs
           "tts_first_chunk", "audio_out"]
 
 
-def session_config(silence_ms: int) -> dict[str, Any]:
+# semantic_vad rows (--turn-detection semantic_vad): its eagerness, and its longest silence wait.
+EAGERNESS = "auto"
+SEMANTIC_MAX_WAIT_MS = {"low": 8000, "medium": 4000, "auto": 4000, "high": 2000}
+
+
+def session_config(silence_ms: int, turn: str = "server_vad") -> dict[str, Any]:
+    td: dict[str, Any] = {"type": "server_vad", "silence_duration_ms": silence_ms}
+    if turn == "semantic_vad":
+        td = {"type": "semantic_vad", "eagerness": EAGERNESS}
     return {
         "type": "realtime", "output_modalities": ["audio"],
         "instructions": "You are a helpful voice assistant. Answer in one short sentence.",
-        "audio": {"input": {"transcription": {"model": "whisper-1"},
-                            "turn_detection": {"type": "server_vad", "silence_duration_ms": silence_ms}}},
+        "audio": {"input": {"transcription": {"model": "whisper-1"}, "turn_detection": td}},
     }
+
+
+def trailing_ms(silence_ms: int, turn: str) -> int:
+    """Silence sent after each question: enough for the turn to end whatever the detector decides."""
+    return (SEMANTIC_MAX_WAIT_MS[EAGERNESS] if turn == "semantic_vad" else silence_ms) + 1500
 
 
 def rms(pcm: bytes) -> float:
@@ -92,16 +104,17 @@ def server_marks(server: Server, response_id: str) -> dict[str, float]:
     return {}
 
 
-async def webrtc_turns(server: Server, questions: list[bytes], silence_ms: int) -> list[dict]:
+async def webrtc_turns(server: Server, questions: list[bytes], silence_ms: int,
+                       turn: str = "server_vad") -> list[dict]:
     mic = TimedMic()
     peer, _, _ = await open_call(server, peer=Peer(mic=mic, record=True))
     rows = []
     try:
-        peer.send({"type": "session.update", "session": session_config(silence_ms)})
+        peer.send({"type": "session.update", "session": session_config(silence_ms, turn)})
         await peer.collect("session.updated")
         for pcm24 in questions:
             heard_from = len(peer.heard)
-            mic.utter(speak_48(pcm24), trailing_ms=silence_ms + 1500)
+            mic.utter(speak_48(pcm24), trailing_ms=trailing_ms(silence_ms, turn))
             events = await peer.collect("response.done", wait_s=120)
             response_id = events[-1]["response"]["id"]
             await peer.collect("output_audio_buffer.stopped", wait_s=120)
@@ -119,12 +132,13 @@ def speak_48(pcm24: bytes) -> bytes:
     return resample(pcm24, 24_000, 48_000)
 
 
-async def websocket_turns(server: Server, questions: list[bytes], silence_ms: int) -> list[dict]:
+async def websocket_turns(server: Server, questions: list[bytes], silence_ms: int,
+                          turn: str = "server_vad") -> list[dict]:
     client = AsyncOpenAI(api_key=server.api_key, base_url=f"{server.base_url}/v1",
                          websocket_base_url=f"{server.ws_url}/v1")
     rows = []
     async with client.realtime.connect(model="gpt-realtime") as conn:
-        await conn.session.update(session=session_config(silence_ms))  # type: ignore[arg-type]
+        await conn.session.update(session=session_config(silence_ms, turn))  # type: ignore[arg-type]
         state: dict[str, Any] = {"first_audible": None, "done": None, "audio_ms": 0}
         new_event = asyncio.Event()
 
@@ -146,7 +160,7 @@ async def websocket_turns(server: Server, questions: list[bytes], silence_ms: in
                 await send_realtime(conn, silence(300, 24_000))
                 await send_realtime(conn, pcm24)
                 speech_end_at = time.monotonic()
-                trailing = asyncio.create_task(send_realtime(conn, silence(silence_ms + 1500, 24_000)))
+                trailing = asyncio.create_task(send_realtime(conn, silence(trailing_ms(silence_ms, turn), 24_000)))
                 async with asyncio.timeout(120):
                     while state["done"] is None:
                         new_event.clear()
@@ -185,7 +199,8 @@ def median(values: list[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-async def run(model: str, silence_ms: int, n: int, transports: list[str]) -> dict:
+async def run(model: str, silence_ms: int, n: int, transports: list[str],
+              turns: tuple[str, ...] = ("server_vad",)) -> dict:
     questions = [speak(q, 24_000) for q in (QUESTIONS * 3)[:n]]
     env = {"OPENREALTIME_LLM_MODEL": model}
     if os.environ.get("OPENREALTIME_LLM_THREADS"):
@@ -193,10 +208,12 @@ async def run(model: str, silence_ms: int, n: int, transports: list[str]) -> dic
     server = start_server(env, name="bench-voice")
     results: dict[str, list[dict]] = {}
     try:
-        if "webrtc" in transports:
-            results["webrtc"] = await webrtc_turns(server, questions, silence_ms)
-        if "websocket" in transports:
-            results["websocket"] = await websocket_turns(server, questions, silence_ms)
+        for turn in turns:  # rows are "<transport>" for server_vad, "<transport> semantic_vad" otherwise
+            suffix = "" if turn == "server_vad" else f" {turn}"
+            if "webrtc" in transports:
+                results["webrtc" + suffix] = await webrtc_turns(server, questions, silence_ms, turn)
+            if "websocket" in transports:
+                results["websocket" + suffix] = await websocket_turns(server, questions, silence_ms, turn)
     finally:
         stop_server(server)
     return results
@@ -212,21 +229,29 @@ def main() -> None:
     parser.add_argument("--silence-ms", type=int, default=500)
     parser.add_argument("--utterances", type=int, default=6)
     parser.add_argument("--transports", nargs="+", default=["webrtc", "websocket"])
+    parser.add_argument("--turn-detection", nargs="+", default=["server_vad"], choices=["server_vad", "semantic_vad"],
+                        help="one row per transport and turn detection type (semantic_vad: smart-turn)")
+    parser.add_argument("--eagerness", default="auto", choices=sorted(SEMANTIC_MAX_WAIT_MS))
     args = parser.parse_args()
-    results = asyncio.run(run(args.model, args.silence_ms, args.utterances, args.transports))
+    global EAGERNESS
+    EAGERNESS = args.eagerness
+    results = asyncio.run(run(args.model, args.silence_ms, args.utterances, args.transports,
+                              tuple(args.turn_detection)))
     cols = [*STAGES, "client_heard"]
     print(f"\nvoice-to-voice latency, {args.model}, server_vad silence_duration_ms={args.silence_ms}, "
+          f"semantic_vad eagerness={args.eagerness}, "
           f"{os.cpu_count()} CPU cores; medians in ms from the end of user speech")
-    print(f"{'transport':10} {'n':>3} " + " ".join(f"{c:>15}" for c in cols))
+    print(f"{'transport':22} {'n':>3} " + " ".join(f"{c:>15}" for c in cols))
     summary = {}
     for transport, rows in results.items():
         med = {c: median([r[c] for r in rows]) for c in cols}
         summary[transport] = med
-        print(f"{transport:10} {len(rows):>3} " + " ".join(f"{fmt(med[c]):>15}" for c in cols))
+        print(f"{transport:22} {len(rows):>3} " + " ".join(f"{fmt(med[c]):>15}" for c in cols))
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"voice_latency-{re.sub(r'[^a-z0-9.]+', '-', args.model)}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"model": args.model, "silence_ms": args.silence_ms, "cpu_count": os.cpu_count(),
+                                "turn_detection": args.turn_detection, "eagerness": args.eagerness,
                                 "summary_median_ms": summary, "turns": results}, indent=2))
     print(f"\nwrote {path}")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -28,6 +28,41 @@ class IceConfig(BaseModel):
     addresses: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
     # Let aioice gather the machine's non-loopback interface addresses as well.
     gather_interfaces: bool = True
+
+
+class ProviderConfig(BaseModel):
+    """A remote OpenAI-compatible server (OpenAI, Groq, vLLM, llama.cpp's server, another openrealtime).
+
+    Sessions pick one of its models with ``model: "<provider>/<model>"``; ``llm_model``,
+    ``stt_provider`` and ``tts_provider`` can name it too.
+    """
+
+    # The API root, including the version prefix: requests go to <base_url>/chat/completions etc.
+    base_url: str
+    api_key: str | None = Field(default=None, repr=False)
+    # Name of an environment variable holding the key (keeps secrets out of the TOML file).
+    api_key_env: str | None = None
+    kind: Literal["openai"] = "openai"
+    # Longest wait for the next byte of an answer (first token included), and for connecting.
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+    # Connect errors (nothing sent yet) are retried this many times with exponential backoff.
+    connect_retries: int = 2
+    # The models' context window, used for context management (the API does not report it).
+    context_length: int = 8192
+    # Models listed in /v1/models as "<provider>/<model>" (any model name is accepted anyway).
+    models: list[str] = Field(default_factory=list)
+    # Extra HTTP headers sent with every request.
+    headers: dict[str, str] = Field(default_factory=dict)
+    # Ask for token usage in the stream (stream_options.include_usage); turned off automatically
+    # for servers that reject it.
+    stream_usage: bool = True
+
+    def key(self) -> str | None:
+        """The API key: ``api_key``, else the environment variable ``api_key_env``."""
+        if self.api_key:
+            return self.api_key
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
 class Settings(BaseSettings):
@@ -67,6 +102,25 @@ class Settings(BaseSettings):
     tts_model: str | None = None  # a Piper .onnx voice; default: the bundled en_US-joe-medium
     tts_config: str | None = None
     tts_threads: int = 1
+    # semantic_vad's end-of-turn model: smart-turn v3 (the ONNX file the pipecat-ai wheel ships).
+    turn_detector_enabled: bool = True
+    turn_detector_model: str | None = None  # a smart-turn v3 ONNX file; default: pipecat-ai's
+    turn_detector_threads: int = 1
+    # audio.input.noise_reduction: "rnnoise" (pyrnnoise), "webrtc" (webrtc-noise-gain) or "off".
+    noise_suppressor: Literal["rnnoise", "webrtc", "off"] = "rnnoise"
+
+    # Remote OpenAI-compatible servers by name: TOML `[providers.NAME]`, or env
+    # OPENREALTIME_PROVIDERS='{"NAME": {"base_url": ...}}' (JSON).
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    # Speech to text / text to speech on a provider instead of the local Whisper / Piper.
+    stt_provider: str | None = None
+    stt_remote_model: str = "whisper-1"
+    tts_provider: str | None = None
+    tts_remote_model: str = "tts-1"
+    # Voices the remote TTS offers (the API cannot list them); empty = accept any name.
+    tts_remote_voices: list[str] = Field(
+        default_factory=lambda: ["alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
+                                 "shimmer", "verse", "marin", "cedar"])
 
     default_instructions: str = (
         "You are a helpful, concise voice assistant. Answer in one or two short sentences."
@@ -74,9 +128,26 @@ class Settings(BaseSettings):
     session_ttl_s: int = 3600
     # Largest client event we accept, in bytes (base64 audio chunks included).
     max_event_bytes: int = 15 * 1024 * 1024
+    # Rate limits per API key, shared by all its sessions: responses and LLM tokens (input + output)
+    # per minute. None = unlimited. Exceeding one answers response.create with an `error` event
+    # (code rate_limit_exceeded); rate_limits.updated reports them after every response.
+    rate_limit_requests_per_min: int | None = None
+    rate_limit_tokens_per_min: int | None = None
 
     # Origins whose browser pages may call the API (keys travel as bearer tokens, not cookies).
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+
+    # Ephemeral client secrets (`ek_...`, POST /v1/realtime/client_secrets): their lifetime when the
+    # request names none; a request may ask for 10..7200 s, as with the hosted API.
+    client_secret_ttl_s: int = Field(600, ge=10, le=7200)
+    # The browser playground at GET /.
+    playground_enabled: bool = True
+    # Who may get an ephemeral key from the page's own route (POST /playground/session):
+    # "loopback" = requests from this machine only (default), "token" = requests carrying
+    # `X-Playground-Token: <playground_token>`, "open" = anyone who can load the page (a public demo),
+    # "off" = nobody (the user pastes an API key or an ek_ into the page).
+    playground_mode: Literal["loopback", "token", "open", "off"] = "loopback"
+    playground_token: str | None = Field(default=None, repr=False)
 
     ice: IceConfig = Field(default_factory=IceConfig)
 

@@ -16,7 +16,6 @@ import contextlib
 import functools
 import http.server
 import json
-import os
 import re
 import threading
 from collections.abc import Iterator
@@ -27,7 +26,8 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
-from ..audio_fixtures import silence, speak, speech_available, write_wav
+from ..audio_fixtures import speech_available
+from .chromium import fake_mic_args, require_chromium, spoken_wav
 from .conftest import ARTIFACTS, Server, assert_valid_server_event
 
 pytestmark = [
@@ -35,10 +35,8 @@ pytestmark = [
     pytest.mark.skipif(not speech_available(), reason="no speech synthesizer for test audio"),
 ]
 
-CHROMIUM = Path(os.environ.get("OPENREALTIME_CHROMIUM", "/usr/bin/chromium"))
 PAGE_DIR = Path(__file__).resolve().parent / "browser"
 QUESTION = "What is the capital of France?"
-MIC_RATE = 48_000
 LEAD_SILENCE_MS = 2000  # the fake mic starts at getUserMedia; the call is up well within this
 SESSION: dict[str, Any] = {
     "type": "realtime",
@@ -51,16 +49,6 @@ SESSION: dict[str, Any] = {
 # RMS of float samples in [-1, 1]: speech is around 0.05-0.2; decoded silence stays near 0.
 AUDIBLE_RMS = 0.01
 WAIT_S = 90
-# Headless on a machine without a display, GPU, sandbox or outside network; Playwright adds
-# --headless and a fresh temporary --user-data-dir itself.
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-    "--autoplay-policy=no-user-gesture-required",
-    # Offer 127.0.0.1 too, so that a machine with only a loopback interface still connects.
-    "--allow-loopback-in-peer-connection",
-]
 DONE = """() => {
     if (!window.state || !window.events) return false;
     const types = new Set(window.events.map((e) => e.type));
@@ -70,26 +58,10 @@ DONE = """() => {
 }"""
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
-
-
 @pytest.fixture
 def chromium() -> Path:
-    """Chromium's path; skip without Chromium or Playwright, except in CI, where the test must run."""
-    problem = None
-    if not CHROMIUM.is_file():
-        problem = f"{CHROMIUM} is missing (run scripts/install-system-deps.sh as root)"
-    else:
-        try:
-            import playwright.async_api  # noqa: F401
-        except ImportError:
-            problem = "playwright is not installed (pip install -e '.[dev]')"
-    if problem is None:
-        return CHROMIUM
-    if in_ci():
-        pytest.fail(f"browser test cannot run in CI: {problem}", pytrace=False)
-    pytest.skip(problem)
+    """Chromium's path (see chromium.py: skips locally without it, fails in CI)."""
+    return require_chromium()
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -133,8 +105,7 @@ def check_cors(server: Server, origin: str) -> None:
 
 def mic_wav(path: Path) -> Path:
     """The question, spoken, with silence around it: PCM16 mono 48 kHz, what Chromium's fake mic reads."""
-    pcm = silence(LEAD_SILENCE_MS, MIC_RATE) + speak(QUESTION, MIC_RATE) + silence(3000, MIC_RATE)
-    return write_wav(path, pcm, MIC_RATE)
+    return spoken_wav(path, QUESTION, LEAD_SILENCE_MS)
 
 
 async def test_browser_voice_conversation(chromium: Path, server: Server, page_origin: str, tmp_path: Path):
@@ -150,8 +121,7 @@ async def test_browser_voice_conversation(chromium: Path, server: Server, page_o
 
     async with async_playwright() as p:
         browser = await p.chromium.launch(
-            executable_path=str(chromium), headless=True,
-            args=[*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={wav}%noloop"])
+            executable_path=str(chromium), headless=True, args=fake_mic_args(wav))
         try:
             context = await browser.new_context(permissions=["microphone"], viewport={"width": 900, "height": 900})
             page = await context.new_page()

@@ -133,9 +133,10 @@ def test_backends_implement_protocols(backends: SpeechBackends) -> None:
 
 
 def test_registry_respects_disabled_stages() -> None:
-    built = load_speech_backends(SimpleNamespace(vad_enabled=False, stt_enabled=False, tts_enabled=False))
-    assert (built.vad, built.stt, built.tts) == (None, None, None)
-    assert built.describe() == "vad=off, stt=off, tts=off"
+    built = load_speech_backends(SimpleNamespace(vad_enabled=False, stt_enabled=False, tts_enabled=False,
+                                                 turn_detector_enabled=False, noise_suppressor="off"))
+    assert (built.vad, built.stt, built.tts, built.turn, built.noise) == (None, None, None, None, None)
+    assert built.describe() == "vad=off, stt=off, tts=off, turn=off, noise=off"
 
 
 def test_registry_without_piper_has_no_tts(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

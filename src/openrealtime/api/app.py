@@ -12,10 +12,15 @@ from ..backends.registry import LLMRegistry
 from ..backends.speech_registry import load_speech_backends
 from ..config import Settings
 from ..engine import EngineContext
+from ..engine.ratelimit import RateLimiter
 from ..transports.webrtc import CallManager
 from .auth import KeyChecker, require_key
 from .calls import router as calls_router
+from .client_secrets import ClientSecrets, MemoryClientSecretStore
+from .client_secrets import router as client_secrets_router
 from .errors import install_error_handlers
+from .openai_compat import router as openai_compat_router
+from .playground import install_playground
 from .realtime_ws import router as ws_router
 
 log = logging.getLogger("openrealtime")
@@ -34,6 +39,10 @@ def create_app(settings: Settings) -> FastAPI:
         vad=speech.vad,
         stt=speech.stt,
         tts=speech.tts,
+        turn_detector=speech.turn,
+        noise=speech.noise,
+        check_model=llm.validate,
+        rate_limiter=RateLimiter(settings.rate_limit_requests_per_min, settings.rate_limit_tokens_per_min),
     )
 
     @asynccontextmanager
@@ -52,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.speech = speech
     app.state.engine = ctx
     app.state.calls = CallManager(settings, ctx)
+    app.state.client_secrets = ClientSecrets(MemoryClientSecretStore(), ttl_s=settings.client_secret_ttl_s)
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
@@ -76,4 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(calls_router)
     app.include_router(ws_router)
+    app.include_router(openai_compat_router)
+    app.include_router(client_secrets_router)
+    install_playground(app, settings)
     return app

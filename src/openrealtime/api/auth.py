@@ -1,15 +1,28 @@
-"""API-key auth: `Authorization: Bearer|Basic <key>` and the browser WebSocket subprotocol."""
+"""API-key auth: `Authorization: Bearer|Basic <key>`, the browser WebSocket subprotocol, ephemeral keys."""
 
 from __future__ import annotations
 
 import base64
 import hmac
+from typing import TYPE_CHECKING
 
 from starlette.requests import HTTPConnection
 
 from .errors import APIError
 
+if TYPE_CHECKING:
+    from .client_secrets import ClientSecret
+
 SUBPROTOCOL_KEY_PREFIX = "openai-insecure-api-key."
+# Ephemeral client secrets (api/client_secrets.py) start with this, and are accepted only on these
+# routes, as (method, path template); every other route answers an ek with 403.
+EPHEMERAL_PREFIX = "ek_"
+EPHEMERAL_ROUTES = frozenset({
+    ("POST", "/v1/realtime/calls"),
+    ("POST", "/v1/realtime/calls/{call_id}/hangup"),  # only for a call made with the same ek (calls.py)
+    ("GET", "/v1/realtime/ice-servers"),  # what a browser needs to place the call
+    ("WEBSOCKET", "/v1/realtime"),
+})
 
 
 class KeyChecker:
@@ -65,11 +78,16 @@ def presented_keys(conn: HTTPConnection) -> list[str]:
 
 
 def authenticate(conn: HTTPConnection) -> None:
-    """Raise a 401 APIError unless the request carries a valid key."""
+    """Raise a 401 APIError unless the request carries a valid key (403 for an ephemeral key)."""
     checker: KeyChecker = conn.app.state.keys
+    keys = presented_keys(conn)
+    if any(k.startswith(EPHEMERAL_PREFIX) for k in keys) and not (
+            not checker.open and any(checker.valid(k) for k in keys)):
+        raise APIError(403, "Ephemeral keys (ek_...) can only create Realtime sessions (POST /v1/realtime/calls, "
+                       "the /v1/realtime WebSocket) and hang up their own calls; use an API key for this "
+                       "endpoint.", code="ephemeral_key_not_allowed")
     if checker.open:
         return
-    keys = presented_keys(conn)
     if not keys:
         raise APIError(401, "Missing API key. Send 'Authorization: Bearer <key>'.",
                        code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -78,6 +96,46 @@ def authenticate(conn: HTTPConnection) -> None:
                        headers={"WWW-Authenticate": "Bearer"})
 
 
+async def authenticate_session(conn: HTTPConnection) -> ClientSecret | None:
+    """`authenticate` for routes that create sessions, which also take a live ephemeral key.
+
+    Returns the ClientSecret when the caller used one (also left in `conn.state.client_secret`),
+    None for an API key (or an open server); raises 401 for an unknown or expired ek.
+    """
+    checker: KeyChecker = conn.app.state.keys
+    keys = presented_keys(conn)
+    if not checker.open and any(checker.valid(k) for k in keys):
+        return None
+    ephemeral = [k for k in keys if k.startswith(EPHEMERAL_PREFIX)]
+    service = getattr(conn.app.state, "client_secrets", None)
+    if not ephemeral or service is None:
+        authenticate(conn)
+        return None
+    secret = await service.resolve(ephemeral[0])
+    conn.state.client_secret = secret
+    return secret
+
+
+def ephemeral_allowed(conn: HTTPConnection) -> bool:
+    route = conn.scope.get("route")
+    method = "WEBSOCKET" if conn.scope.get("type") == "websocket" else conn.scope.get("method", "")
+    return (method, getattr(route, "path", None)) in EPHEMERAL_ROUTES
+
+
 async def require_key(conn: HTTPConnection) -> None:
-    """FastAPI dependency form of `authenticate`."""
-    authenticate(conn)
+    """FastAPI dependency form of `authenticate` (of `authenticate_session` on EPHEMERAL_ROUTES)."""
+    if ephemeral_allowed(conn):
+        await authenticate_session(conn)
+    else:
+        authenticate(conn)
+
+
+def session_key(conn: HTTPConnection, secret: ClientSecret | None = None) -> str | None:
+    """Who a new session is accounted to (rate limits): the API key it presented, or for an
+    ephemeral key that key's digest; None on an open server."""
+    if secret is not None:
+        return "ek:" + secret.digest
+    checker: KeyChecker = conn.app.state.keys
+    if checker.open:
+        return None
+    return next((k for k in presented_keys(conn) if checker.valid(k)), None)

@@ -23,7 +23,8 @@ from starlette.datastructures import UploadFile
 
 from ..engine import InvalidSessionConfig
 from ..transports.webrtc import MAX_OFFER_BYTES, CallManager, InvalidOffer, ShuttingDown
-from .auth import require_key
+from .auth import require_key, session_key
+from .client_secrets import starting_session
 from .errors import APIError
 
 router = APIRouter(dependencies=[Depends(require_key)])
@@ -178,9 +179,12 @@ async def create_call(request: Request, model: str | None = None) -> Response:
     chosen_model = model
     if offer.session and isinstance(offer.session.get("model"), str) and offer.session["model"]:
         chosen_model = offer.session["model"]
+    # Made with an ephemeral key: start from its session config (the request's own goes over it).
+    secret = getattr(request.state, "client_secret", None)
+    session, chosen_model = starting_session(secret, offer.session, chosen_model)
     manager = _manager(request)
     try:
-        call = await manager.create_call(offer.sdp, offer.session, chosen_model)
+        call = await manager.create_call(offer.sdp, session, chosen_model, api_key=session_key(request, secret))
     except InvalidOffer as exc:
         raise APIError(400, str(exc), code="invalid_offer", param="sdp") from exc
     except ShuttingDown as exc:
@@ -188,6 +192,8 @@ async def create_call(request: Request, model: str | None = None) -> Response:
     except InvalidSessionConfig as exc:
         raise APIError(400, exc.message, code=getattr(exc, "code", None) or "invalid_value",
                        param=exc.param) from exc
+    if secret is not None:
+        request.app.state.client_secrets.claim_call(call, secret)
     headers = {"Location": f"/v1/realtime/calls/{call.id}"}
     if wants_json(offer.dialect, request.headers.get("accept")):
         body = {"id": call.id, "sdp": call.answer_sdp, "ice_servers": manager.ice_servers()}
@@ -198,6 +204,10 @@ async def create_call(request: Request, model: str | None = None) -> Response:
 @router.post("/v1/realtime/calls/{call_id}/hangup")
 async def hangup_call(call_id: str, request: Request) -> dict[str, Any]:
     """End a call from the server side (the client sees its connection close)."""
+    secret = getattr(request.state, "client_secret", None)
+    if secret is not None and not request.app.state.client_secrets.owns_call(_manager(request).get(call_id), secret):
+        # An ephemeral key may only end the calls it made; others look as if they did not exist.
+        raise APIError(404, f"Call '{call_id}' not found.", code="call_not_found", param="call_id")
     if not await _manager(request).hangup(call_id):
         raise APIError(404, f"Call '{call_id}' not found.", code="call_not_found", param="call_id")
     return {}

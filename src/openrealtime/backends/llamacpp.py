@@ -52,7 +52,21 @@ from openrealtime.backends.llm import (
     LLMError,
     LLMEvent,
     TextDelta,
+    ToolCallDelta,
+    ToolSpec,
     Usage,
+)
+from openrealtime.backends.tool_calling import (
+    CALL_PREFIX,
+    MAX_CALLS_PER_RESPONSE,
+    TOOL_CALL_OPEN,
+    CallScanner,
+    GuidedDecoder,
+    TokenVocab,
+    could_start_name,
+    new_call_id,
+    template_messages,
+    template_supports_tools,
 )
 
 logger = logging.getLogger(__name__)
@@ -124,6 +138,7 @@ class _Native:
         self.tokenize = bind("llama_tokenize", [vp, ctypes.c_char_p, i32, ctypes.POINTER(i32), i32,
                                                 ctypes.c_bool, ctypes.c_bool], i32)
         self.n_ctx = bind("llama_n_ctx", [vp], u32)
+        self.set_n_threads = bind("llama_set_n_threads", [vp, u32, u32], None)
         self.n_batch = bind("llama_n_batch", [vp], u32)
         self.n_ctx_train = bind("llama_n_ctx_train", [vp], i32)
         self.n_vocab = bind("llama_n_vocab", [vp], i32)
@@ -186,12 +201,18 @@ class ChatTemplate:
             raise LLMError(f"Invalid chat template in model: {exc}", code="chat_template_error") from exc
         self.bos_token = bos_token
         self.eos_token = eos_token
+        # Templates that render `tools` in the <tool_call> convention get them natively; for the
+        # others, tools, calls and results are rewritten into plain turns (see tool_calling).
+        self.native_tools = template_supports_tools(self.source)
 
-    def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
+               tools: list[ToolSpec] | None = None) -> str:
         """Render a conversation; errors become LLMError so the engine reports a failed response."""
         try:
+            msgs, tool_var = template_messages(messages, tools or [], self.native_tools)
             return self._template.render(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
+                messages=msgs,
+                tools=tool_var,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
@@ -240,7 +261,60 @@ def sample_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Ge
     return int(idx[rng.choice(len(idx), p=probs)])
 
 
+def _offered_tools(params: GenerationParams) -> tuple[list[ToolSpec], str | None]:
+    """The tools the model sees, and the forced choice: "" = any of them, a name = that one."""
+    if not params.tools or params.tool_choice == "none":
+        if params.tool_choice not in ("auto", "none"):
+            raise LLMError(f"tool_choice {params.tool_choice!r} needs tools, and none were given.",
+                           code="invalid_tool_choice")
+        return [], None
+    tools = list(params.tools)
+    if params.tool_choice == "auto":
+        return tools, None
+    if params.tool_choice == "required":
+        return tools, ""
+    if not any(t.name == params.tool_choice for t in tools):
+        raise LLMError(f"tool_choice names the function {params.tool_choice!r}, which is not among the tools.",
+                       code="invalid_tool_choice")
+    return tools, params.tool_choice
+
+
 # --- requests -----------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """The consumer left in the middle of guided decoding."""
+
+
+class _Cursor:
+    """The running request's view of the model for guided decoding (``tool_calling.LanguageModel``).
+
+    Counts every token added after the prompt (sampled or forced) against the request's budget.
+    """
+
+    def __init__(self, backend: LlamaCppBackend, req: _Request, max_new: int):
+        self.backend = backend
+        self.req = req
+        self.max_new = max_new
+        self.n_gen = 0
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.backend._tokenize(text, add_bos=False)
+
+    def evaluate(self, tokens: list[int]) -> bool:
+        if self.backend._stopped(self.req):
+            raise _Stop
+        if self.n_gen + len(tokens) > self.max_new:
+            return False
+        b = self.backend
+        for start in range(0, len(tokens), b._eval_chunk):
+            chunk = tokens[start:start + b._eval_chunk]
+            b._decode(chunk, len(b._cached), want_logits=start + len(chunk) == len(tokens))
+        self.n_gen += len(tokens)
+        return True
+
+    def logits(self) -> np.ndarray:
+        return self.backend._logits()
 
 
 @dataclass(eq=False)
@@ -340,6 +414,7 @@ class LlamaCppBackend:
         self._batch: Any = None
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order (positions 0..n-1)
         self._rng = np.random.default_rng()
+        self._vocab: TokenVocab | None = None  # token classes for guided decoding, built on first use
         self._model_lock = threading.Lock()  # count_tokens (any thread) vs. freeing the model
         self._closed = False
         # Counters for diagnostics: requests finished, abandoned mid-way, and dropped while queued.
@@ -434,11 +509,11 @@ class LlamaCppBackend:
         raw = self._native.token_get_text(self._model, token)
         return raw.decode("utf-8", "replace") if raw else ""
 
-    def _tokenize(self, text: str) -> list[int]:
+    def _tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         # Special tokens in the rendered template (<|im_start|>...) must become their ids. Message
         # contents are parsed the same way; that only lets a client forge turns of its own session.
         data = text.encode("utf-8")
-        add_special = self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
+        add_special = add_bos and self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
         cap = len(data) + 8
         buf = (ctypes.c_int32 * cap)()
         n = self._native.tokenize(self._model, data, len(data), buf, cap, add_special, True)
@@ -472,12 +547,29 @@ class LlamaCppBackend:
         else:
             logger.debug("%s: batched evaluation check passed (max logit difference %.3f)", self.name, diff)
 
-    def render_prompt(self, messages: list[ChatMessage]) -> str:
+    def render_prompt(self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None) -> str:
         """The exact text the model sees (useful for debugging prompts and in tests)."""
-        return self.chat_template.render(messages, add_generation_prompt=True)
+        return self.chat_template.render(messages, add_generation_prompt=True, tools=tools)
 
-    def _prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
-        return self._tokenize(self.render_prompt(messages))
+    def _prompt_tokens(self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None) -> list[int]:
+        return self._tokenize(self.render_prompt(messages, tools))
+
+    def token_vocab(self) -> TokenVocab:
+        """Token classes for guided decoding (compute thread; ~0.1-0.5 s once per model)."""
+        if self._vocab is None:
+            t0 = time.monotonic()
+            native = self._native
+            pieces, unusable, eog = [], [], []
+            for tok in range(self._n_vocab):
+                pieces.append(self._piece(tok))
+                if native.token_is_eog(self._model, tok):
+                    eog.append(tok)
+                    unusable.append(tok)
+                elif native.token_is_control(self._model, tok):
+                    unusable.append(tok)
+            self._vocab = TokenVocab(pieces, unusable=unusable, eog=eog)
+            logger.debug("%s: token classes for guided decoding built in %.2fs", self.name, time.monotonic() - t0)
+        return self._vocab
 
     # --- LLMBackend ---
 
@@ -578,6 +670,15 @@ class LlamaCppBackend:
             raise LLMError(f"llama_decode failed with code {rc}")
         self._cached.extend(tokens)
 
+    def _rollback(self, pos: int) -> None:
+        """Forget the cached tokens from position `pos` on."""
+        if pos >= len(self._cached):
+            return
+        if self._native.kv_seq_rm(self._ctx, 0, pos, -1):
+            del self._cached[pos:]
+        else:
+            raise LLMError("llama.cpp could not remove tokens from its cache")
+
     def _reset_cache(self) -> None:
         self._native.C.llama_kv_cache_clear(self._ctx)
         self._cached = []
@@ -599,8 +700,10 @@ class LlamaCppBackend:
     def _generate(self, req: _Request) -> bool:
         """Run one request; False if the consumer went away before it finished."""
         t0 = time.monotonic()
+        params = req.params
+        tools, forced = _offered_tools(params)
         with self._model_lock:
-            tokens = self._prompt_tokens(req.messages)
+            tokens = self._prompt_tokens(req.messages, tools)
         n_prompt = len(tokens)
         n_ctx = self.context_length
         if n_prompt >= n_ctx:
@@ -634,16 +737,38 @@ class LlamaCppBackend:
             self._decode(chunk, start, want_logits=start + len(chunk) == n_prompt)
         t_prompt = time.monotonic()
 
-        params = req.params
         budget = n_ctx - n_prompt
         max_new = budget if params.max_tokens is None else min(max(params.max_tokens, 0), budget)
         rng = np.random.default_rng(params.seed) if params.seed is not None else self._rng
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        n_gen = 0
+        cursor = _Cursor(self, req, max_new)
         finish: str = "length"
-        while n_gen < max_new:
+        try:
+            if forced is not None:
+                # tool_choice "required" or a named function: the reply is a call, whatever the model.
+                self._tool_calls(req, cursor, rng, tools, forced or None, single=True,
+                                 opening=TOOL_CALL_OPEN + CALL_PREFIX)
+                finish = "tool_calls"
+            else:
+                finish = self._free_text(req, cursor, rng, tools)
+        except _Stop:
+            return False
+        n_gen = cursor.n_gen
+        usage = Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, cached_tokens=cached_tokens)
+        req.emit(Finished(finish_reason=finish, usage=usage))  # type: ignore[arg-type]
+        self._log_request(n_prompt, cached_tokens, n_gen, finish, t0, t_prompt)
+        return True
+
+    def _free_text(self, req: _Request, cursor: _Cursor, rng: np.random.Generator, tools: list[ToolSpec]) -> str:
+        """Sample text; with tools offered, a ``<tool_call>`` in the output switches to guided calls."""
+        params = req.params
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        scanner = CallScanner(TOOL_CALL_OPEN) if tools else None
+        starts: list[tuple[int, int]] = []  # (offset in the reply, KV position) of each token
+        max_new = cursor.max_new
+        finish = "length"
+        while cursor.n_gen < max_new:
             if self._stopped(req):
-                return False
+                raise _Stop
             token = sample_token(self._logits(), params, rng)
             # End-of-generation tokens end the reply; so does any other control token (e.g. a
             # hallucinated <|im_start|> opening a new turn), which must never reach the client.
@@ -652,17 +777,116 @@ class LlamaCppBackend:
             ):
                 finish = "stop"
                 break
-            n_gen += 1
+            cursor.n_gen += 1
             text = decoder.decode(self._piece(token))
+            opening = None
+            if scanner is not None:
+                starts.append((len(scanner.text), len(self._cached)))
+                text, opening = scanner.push(text)
             if text:
                 req.emit(TextDelta(text))
-            if n_gen < max_new:
+            if cursor.n_gen < max_new:
                 self._decode([token], len(self._cached), want_logits=True)
+            if opening is not None and scanner is not None and scanner.bare and not self._names_a_tool(
+                    scanner, tools, cursor.n_gen < max_new):
+                # A JSON reply that does not name one of the tools is just text.
+                opening = None
+                if held := scanner.reject_bare():
+                    req.emit(TextDelta(held))
+            if opening is not None and scanner is not None:
+                # Take back the tokens of the opening as the model wrote it and continue from the
+                # canonical form, so the context always reads `<tool_call>\n{"name": "`.
+                offset, pos = next((o, p) for o, p in reversed(starts) if o <= opening)
+                self._rollback(pos)
+                lead = scanner.text[offset:opening]
+                self._tool_calls(req, cursor, rng, tools, None, single=False,
+                                 opening=lead + TOOL_CALL_OPEN + CALL_PREFIX)
+                return "tool_calls"
         # An incomplete UTF-8 sequence left at a length cut is dropped rather than shown as U+FFFD.
-        usage = Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, cached_tokens=cached_tokens)
-        req.emit(Finished(finish_reason=finish, usage=usage))  # type: ignore[arg-type]
-        self._log_request(n_prompt, cached_tokens, n_gen, finish, t0, t_prompt)
-        return True
+        if scanner is not None and (held := scanner.flush()):
+            req.emit(TextDelta(held))  # the start of a marker that never completed
+        return finish
+
+    def _names_a_tool(self, scanner: CallScanner, tools: list[ToolSpec], have_logits: bool) -> bool:
+        """After a bare ``{"name": "``: does the model go on with one of the tool names?"""
+        names = [t.name for t in tools]
+        after = scanner.after_bare_opening()
+        if after:
+            return could_start_name(after, names)
+        if not have_logits:
+            return False
+        token = int(np.argmax(self._logits()))
+        piece = self._piece(token).decode("utf-8", "replace")
+        return bool(piece) and could_start_name(piece, names)
+
+    def _tool_calls(self, req: _Request, cursor: _Cursor, rng: np.random.Generator, tools: list[ToolSpec],
+                    name: str | None, single: bool, opening: str) -> None:
+        """Guided ``<tool_call>`` blocks: one when forced (`single`), else as many as the model writes.
+
+        `name`: the function to call (None: the model picks among `tools`).
+        """
+        params = req.params
+        vocab = self.token_vocab()
+        guide = GuidedDecoder(cursor, vocab, lambda logits: sample_token(logits, params, rng))
+        t0, n0 = time.monotonic(), cursor.n_gen
+        # Forced segments are a few tokens each: evaluate them with the generation threads. With the
+        # batch threads, one busy core elsewhere (TTS, STT) makes each of them take up to seconds.
+        self._native.set_n_threads(self._ctx, self.n_threads, self.n_threads)
+        try:
+            index = self._guided_calls(req, guide, tools, name, single, opening)
+        finally:
+            self._native.set_n_threads(self._ctx, self.n_threads, self.n_threads_batch)
+        elapsed = time.monotonic() - t0
+        logger.debug("%s: %d guided tool call(s), %d tokens (%d sampled, %d model calls) in %.2fs (%.1f tok/s)",
+                     self.name, index, cursor.n_gen - n0, guide.samples, guide.evaluations, elapsed,
+                     (cursor.n_gen - n0) / max(elapsed, 1e-6))
+
+    def _guided_calls(self, req: _Request, guide: GuidedDecoder, tools: list[ToolSpec], name: str | None,
+                      single: bool, opening: str) -> int:
+        """The call loop of `_tool_calls`; returns how many calls were emitted."""
+        vocab = guide.vocab
+        index = 0
+        seen: set[tuple[str, str]] = set()
+        # The first call streams. Later ones are held until complete: small models tend to repeat a
+        # call, or start one more than the budget allows; those are dropped and the reply ends.
+        held: list[ToolCallDelta] = []
+        current: dict[str, str] = {}
+
+        def on_name(function: str):
+            i = index
+            first = ToolCallDelta(index=i, call_id=new_call_id(), name=function)
+            current.update(name=function, args="")
+
+            def out(delta: ToolCallDelta) -> None:
+                if i == 0:
+                    req.emit(delta)
+                else:
+                    held.append(delta)
+
+            out(first)
+
+            def args(text: str) -> None:
+                current["args"] += text
+                out(ToolCallDelta(index=i, arguments=text))
+            return args
+
+        while True:
+            hurried = guide.hurry
+            guide.tool_call(tools, name, on_name, opening=opening)
+            key = (current.get("name", ""), current.get("args", ""))
+            if index > 0:
+                if key in seen or (guide.hurry and not hurried):
+                    logger.debug("%s: dropped a repeated or truncated extra tool call %s", self.name, key[0])
+                    break
+                for delta in held:
+                    req.emit(delta)
+                held.clear()
+            seen.add(key)
+            index += 1
+            if single or index >= MAX_CALLS_PER_RESPONSE or not guide.another_call(vocab.eog):
+                break
+            opening = CALL_PREFIX
+        return index
 
     def _log_request(self, n_prompt: int, cached: int, n_gen: int, finish: str, t0: float,
                      t_prompt: float) -> None:

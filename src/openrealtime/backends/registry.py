@@ -8,6 +8,12 @@ Models load lazily, in a thread, once: concurrent sessions asking for the same m
 load and one backend. At most ``max_loaded`` models stay in memory; when another is needed, the
 least recently used idle one is closed. Sessions get a handle rather than the backend itself, so
 an evicted model is simply loaded again on its next use instead of failing the session.
+
+Remote models: ``<provider>/<model>`` names a model of a configured OpenAI-compatible provider
+(``settings.providers``); the session then streams from that server through ``OpenAICompatLLM``.
+Nothing is loaded for them, and one HTTP connection pool per provider is shared by its models.
+A ``<name>/...`` whose ``<name>`` is not a configured provider is an error (``model_not_found``),
+not a silent fallback to the local model.
 """
 
 from __future__ import annotations
@@ -111,6 +117,7 @@ class LLMRegistry:
         self._ref_locks: dict[str, asyncio.Lock] = {}
         self._created = int(time.time())
         self._closed = False
+        self._provider_clients: dict[str, Any] = {}  # provider name -> httpx.AsyncClient
 
     # --- naming ---
 
@@ -142,10 +149,65 @@ class LLMRegistry:
 
     # --- public API ---
 
+    def remote_route(self, model: str | None) -> tuple[str, str] | None:
+        """``(provider, model)`` when ``model`` (or, for names we do not know, the server default)
+        is served by a configured provider; None for local models. Raises LLMError(model_not_found)
+        for ``<name>/<model>`` with an unconfigured ``<name>``."""
+        requested = (model or "").strip()
+        if requested and (is_model_path(requested) or get_known_model(requested) is not None):
+            return None
+        for ref in (requested, self._settings.llm_model.strip()):
+            if not ref or "/" not in ref or is_model_path(ref):
+                continue
+            provider, _, name = ref.partition("/")
+            if provider in self._settings.providers and name:
+                return provider, name
+            configured = ", ".join(sorted(self._settings.providers)) or "none"
+            raise LLMError(
+                f"Unknown model '{ref}': '{provider}' is not a configured provider (configured: {configured}). "
+                "Use '<provider>/<model>' with a provider from the server config, or a local model name.",
+                code="model_not_found", details={"model": ref},
+            )
+        return None
+
+    def validate(self, model: str | None) -> str | None:
+        """Why a session cannot use ``model`` (an error message), or None if it can. Cheap: loads nothing."""
+        try:
+            if self.remote_route(model) is None:
+                self._reference(model)
+        except LLMError as exc:
+            return str(exc)
+        return None
+
+    def _provider_client(self, provider: str) -> Any:
+        """The provider's shared HTTP client, created on first use (inside the serving event loop)."""
+        client = self._provider_clients.get(provider)
+        if client is None:
+            import httpx
+
+            cfg = self._settings.providers[provider]
+            client = self._provider_clients[provider] = httpx.AsyncClient(
+                timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s))
+        return client
+
+    def _remote_backend(self, provider: str, model: str) -> LLMBackend:
+        from openrealtime.backends.openai_llm import OpenAICompatLLM
+
+        cfg = self._settings.providers[provider]
+        return OpenAICompatLLM(
+            cfg.base_url, cfg.key(), model, timeout=cfg.timeout_s, connect_timeout=cfg.connect_timeout_s,
+            connect_retries=cfg.connect_retries, context_length=cfg.context_length, name=f"{provider}/{model}",
+            headers=cfg.headers, stream_usage=cfg.stream_usage,
+            client=lambda: self._provider_client(provider),
+        )
+
     async def resolve(self, model: str | None) -> LLMBackend:
         """The backend for a session's ``model`` field, loading it on first use (off the loop)."""
         if self._closed:
             raise LLMError("The server is shutting down", code="model_closed")
+        route = self.remote_route(model)
+        if route is not None:
+            return self._remote_backend(*route)  # cheap; errors surface when it streams
         ref, allow_paths = self._reference(model)
         handle = self._handles.get(ref)
         if handle is None:
@@ -166,6 +228,10 @@ class LLMRegistry:
                 names.append(ref)
         if default not in names:
             names.insert(0, default)
+        for provider, cfg in self._settings.providers.items():
+            for remote in cfg.models:
+                if f"{provider}/{remote}" not in names:
+                    names.append(f"{provider}/{remote}")
         return [
             {"id": name, "object": "model", "created": self._created, "owned_by": "openrealtime"}
             for name in names
@@ -178,6 +244,10 @@ class LLMRegistry:
     async def close(self) -> None:
         """Free every model (server shutdown)."""
         self._closed = True
+        for client in list(self._provider_clients.values()):
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        self._provider_clients.clear()
         for slot in list(self._slots.values()):
             if slot.loading is not None:
                 with contextlib.suppress(Exception):

@@ -106,3 +106,48 @@ class TTSBackend(Protocol):
         Closing the iterator early stops synthesis.
         """
         ...
+
+
+# ---------------------------------------------------------------- end of turn
+
+
+@runtime_checkable
+class TurnDetector(Protocol):
+    """An end-of-turn model for semantic_vad (smart-turn v3 in ``smart_turn.py``)."""
+
+    name: str
+    sample_rate: int  # the rate `predict` expects (16000)
+
+    async def predict(self, pcm16_16k: bytes) -> float:
+        """P(the speaker has finished their turn) for the turn's audio so far, ending at the pause."""
+        ...
+
+
+# ---------------------------------------------------------------- noise reduction
+
+
+@runtime_checkable
+class NoiseStream(Protocol):
+    """Per-session suppressor state (the noise estimate adapts across frames)."""
+
+    async def process(self, pcm16_16k: bytes) -> bytes:
+        """Suppressed 16 kHz PCM16 for the input, in order; may hold back less than one frame."""
+        ...
+
+    def flush(self) -> bytes:
+        """The held-back remainder (unprocessed), leaving the stream empty."""
+        ...
+
+    def reset(self) -> None: ...
+
+
+@runtime_checkable
+class NoiseSuppressor(Protocol):
+    """Noise reduction for ``audio.input.noise_reduction`` (implementations in ``noise.py``)."""
+
+    name: str
+    sample_rate: int  # 16000
+
+    def new_stream(self, kind: str) -> NoiseStream:
+        """A stream tuned for ``kind``: "near_field" or "far_field"."""
+        ...

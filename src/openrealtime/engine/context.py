@@ -6,7 +6,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..backends.llm import LLMBackend
-from ..backends.speech import STTBackend, TTSBackend, VADModel
+from ..backends.speech import NoiseSuppressor, STTBackend, TTSBackend, TurnDetector, VADModel
+from .ratelimit import RateLimiter
 
 
 @dataclass(slots=True)
@@ -20,6 +21,13 @@ class EngineContext:
     vad: VADModel | None = None
     stt: STTBackend | None = None
     tts: TTSBackend | None = None
+    # semantic_vad's end-of-turn model and the noise_reduction suppressor (None: not available).
+    turn_detector: TurnDetector | None = None
+    noise: NoiseSuppressor | None = None
+    # Why a session `model` cannot be used (an error message), or None; checked at session.update.
+    check_model: Callable[[str | None], str | None] | None = None
+    # Requests / tokens per minute per API key, shared by the key's sessions (None: unlimited).
+    rate_limiter: RateLimiter | None = None
 
     @property
     def audio_output(self) -> bool:

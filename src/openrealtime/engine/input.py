@@ -1,8 +1,15 @@
-"""The input audio buffer: resampling, VAD turn detection, commits, speculative transcription.
+"""The input audio buffer: resampling, noise reduction, turn detection, commits, speculative STT.
 
 All audio is kept at 16 kHz PCM16 (what VAD and Whisper want). Positions are milliseconds of
 input audio since the session started, which is what `audio_start_ms` / `audio_end_ms` mean on
 the wire.
+
+Caller audio flows: resampler (any rate -> 16 kHz) -> noise suppressor (when
+``audio.input.noise_reduction`` is set and the server has one) -> the buffer, VAD and the turn
+detector. Turn detection is server_vad (``VadTurnDetector``) or semantic_vad
+(``SemanticTurnDetector`` + the server's end-of-turn model, run inline at each pause so the
+decision applies exactly at the audio it judged); without an end-of-turn model semantic_vad falls
+back to a silence wait per eagerness.
 """
 
 from __future__ import annotations
@@ -17,7 +24,15 @@ from ..audio.resample import StreamResampler
 from ..protocol import events as ev
 from ..protocol.events import new_id
 from ..protocol.session import SemanticVad, ServerVad
-from .turns import SilenceBegan, SpeechResumed, SpeechStarted, SpeechStopped, VadTurnDetector
+from .turns import (
+    SemanticTurnDetector,
+    SilenceBegan,
+    SpeechResumed,
+    SpeechStarted,
+    SpeechStopped,
+    TurnCheck,
+    VadTurnDetector,
+)
 
 if TYPE_CHECKING:
     from .session import RealtimeSession
@@ -26,7 +41,7 @@ log = logging.getLogger(__name__)
 
 RATE = 16_000
 BYTES_PER_MS = RATE * 2 // 1000
-# Until the smart-turn model lands, semantic_vad waits this long after speech per eagerness.
+# Without an end-of-turn model (smart-turn not installed), semantic_vad waits this long after speech.
 SEMANTIC_SILENCE_MS = {"low": 1500, "medium": 800, "auto": 800, "high": 500}
 # Most audio a manual (turn_detection: null) buffer holds before the oldest is dropped.
 MAX_MANUAL_BUFFER_MS = 15 * 60 * 1000
@@ -52,25 +67,55 @@ class InputAudio:
         self._speech_item_id: str | None = None
         self._speech_start_ms = 0
         self._speculation: tuple[int, asyncio.Task] | None = None
+        self._noise_stream = None  # a NoiseStream while noise_reduction is on
+        self._noise_kind: str | None = None
+        self._noise_carry = b""  # held-back samples of a suppressor that was switched off
+        self._warned_no_turn_model = False
         self.configure()
 
     # ------------------------------------------------------------------ config
 
     def configure(self) -> None:
-        """Apply the session's current turn_detection (called after every session.update)."""
+        """Apply the session's current turn_detection and noise_reduction (after every session.update)."""
+        self._configure_noise()
         td = self.s.config.audio.input.turn_detection
         if td is None or self._vad_stream is None:
             if self._detector is not None and self._detector.in_speech:
                 self._cancel_speculation()
             self._detector = None
             return
-        threshold, silence = self._params(td)
-        if self._detector is None:
-            frame_ms = self.s.ctx.vad.frame_ms  # type: ignore[union-attr]
-            self._detector = VadTurnDetector(threshold, silence, frame_ms)
-            self._vad_pos_ms = self.total_ms
+        old = self._detector
+        frame_ms = self.s.ctx.vad.frame_ms  # type: ignore[union-attr]
+        if isinstance(td, SemanticVad) and self.s.ctx.turn_detector is not None:
+            if isinstance(old, SemanticTurnDetector):
+                old.reconfigure_eagerness(td.eagerness)
+                return
+            detector: VadTurnDetector = SemanticTurnDetector(td.eagerness, frame_ms)
         else:
-            self._detector.reconfigure(threshold, silence)
+            if isinstance(td, SemanticVad) and not self._warned_no_turn_model:
+                self._warned_no_turn_model = True
+                log.warning("semantic_vad without an end-of-turn model (install pipecat-ai for smart-turn): "
+                            "using a silence wait per eagerness")
+            threshold, silence = self._params(td)
+            if old is not None and type(old) is VadTurnDetector:
+                old.reconfigure(threshold, silence)
+                return
+            detector = VadTurnDetector(threshold, silence, frame_ms)
+        if old is None:
+            self._vad_pos_ms = self.total_ms
+        else:  # switched type: the turn in progress (if any) carries on under the new rules
+            detector.adopt(old)
+        self._detector = detector
+
+    def _configure_noise(self) -> None:
+        nr = self.s.config.audio.input.noise_reduction
+        kind = nr.type if nr is not None and self.s.ctx.noise is not None else None
+        if kind == self._noise_kind:
+            return
+        if self._noise_stream is not None:
+            self._noise_carry += self._noise_stream.flush()
+        self._noise_kind = kind
+        self._noise_stream = self.s.ctx.noise.new_stream(kind) if kind is not None else None  # type: ignore[union-attr]
 
     @staticmethod
     def _params(td: ServerVad | SemanticVad) -> tuple[float, int]:
@@ -90,6 +135,10 @@ class InputAudio:
         if resampler is None:
             resampler = self._resamplers[rate] = StreamResampler(rate, RATE)
         pcm = resampler.process(pcm16)
+        if self._noise_carry:
+            pcm, self._noise_carry = self._noise_carry + pcm, b""
+        if self._noise_stream is not None and pcm:
+            pcm = await self._noise_stream.process(pcm)
         if not pcm:
             return
         self.buf.extend(pcm)
@@ -139,6 +188,11 @@ class InputAudio:
             self.buf.extend(tail)
             self.total_ms += len(tail) / BYTES_PER_MS
             self._resamplers[rate] = StreamResampler(rate, RATE)
+        # The suppressor's held-back few ms (unprocessed) and anything left by a switched-off one.
+        tail = self._noise_carry + (self._noise_stream.flush() if self._noise_stream is not None else b"")
+        self._noise_carry = b""
+        self.buf.extend(tail)
+        self.total_ms += len(tail) / BYTES_PER_MS
         data = bytes(self.buf)
         self.buf_start_ms = self.total_ms
         self.buf.clear()
@@ -168,7 +222,11 @@ class InputAudio:
             self.s.emit(ev.InputAudioBufferSpeechStarted(audio_start_ms=event.start_ms,
                                                          item_id=self._speech_item_id))
             await self.s.on_user_speech(interrupt=bool(td and td.interrupt_response))
+        elif isinstance(event, TurnCheck):
+            await self._check_turn(event)
         elif isinstance(event, SilenceBegan):
+            if self._speech_item_id is None:  # the end-of-turn check just before already committed
+                return
             self._cancel_speculation()
             pcm = self.segment(self._speech_start_ms - self._padding(), event.speech_end_ms)
             self._speculation = (event.speech_end_ms, self.s.transcriber.speculate(pcm))
@@ -190,6 +248,26 @@ class InputAudio:
             self.s.commit_audio(pcm, item_id, speculative)
             if td is not None and td.create_response:
                 self.s.request_auto_response()
+
+    async def _check_turn(self, check: TurnCheck) -> None:
+        """Run the end-of-turn model on the turn so far and let the detector decide (inline: the next
+        frames wait ~30-70 ms, so the decision applies exactly where the model looked)."""
+        detector, model = self._detector, self.s.ctx.turn_detector
+        if not isinstance(detector, SemanticTurnDetector) or model is None:
+            return
+        pcm = self.segment(self._speech_start_ms - self._padding(), check.at_ms)
+        t0 = time.perf_counter()
+        try:
+            prob = await model.predict(pcm)
+        except Exception:
+            log.exception("end-of-turn model failed; the turn ends at the eagerness' maximum wait")
+            return
+        log.debug("end-of-turn check at %d ms (%s): P(complete)=%.3f in %.0f ms", check.at_ms,
+                  "first" if check.first else "re-check", prob, (time.perf_counter() - t0) * 1000)
+        if self._detector is not detector or self.s.closed:  # reconfigured or closed meanwhile
+            return
+        for event in detector.decide(check, prob):
+            await self._on_turn_event(event)
 
     def _padding(self) -> int:
         td = self.s.config.audio.input.turn_detection

@@ -7,19 +7,33 @@ import base64
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..audio.codecs import encode_from_pcm16
 from ..audio.resample import StreamResampler
-from ..backends.llm import ChatMessage, Finished, GenerationParams, LLMBackend, LLMError, TextDelta, Usage
+from ..backends.llm import (
+    ChatMessage,
+    Finished,
+    GenerationParams,
+    LLMBackend,
+    LLMError,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolSpec,
+    Usage,
+)
 from ..backends.speech import TTSError
+from ..backends.tool_calling import new_call_id
 from ..protocol import events as ev
 from ..protocol.errors import ProtocolError
 from ..protocol.events import ItemReference, ResponseConfig, new_id
 from ..protocol.items import ContentPart, Item
 from .audio_io import OUTPUT_RATE
 from .clauses import ClauseSplitter, speakable
+from .truncation import ContextOverflow, reply_reserve
 
 if TYPE_CHECKING:
     from .session import RealtimeSession
@@ -75,6 +89,8 @@ class ResolvedResponse:
     in_conversation: bool
     input: list[Item] | None = None
     tools: list[Any] = field(default_factory=list)
+    # "auto" | "none" | "required" | the name of the function that must be called.
+    tool_choice: str = "auto"
 
 
 def resolve(session: RealtimeSession, cfg: ResponseConfig | None) -> ResolvedResponse:
@@ -89,6 +105,10 @@ def resolve(session: RealtimeSession, cfg: ResponseConfig | None) -> ResolvedRes
            else s.audio.output.format)
     modalities = list(dict.fromkeys(cfg.output_modalities or s.output_modalities))
     session.check_modalities(modalities, "response.output_modalities")
+    tools = list(cfg.tools if cfg.tools is not None else s.tools)
+    choice = cfg.tool_choice if cfg.tool_choice is not None else s.tool_choice
+    tool_choice = resolve_tool_choice(
+        choice, tools, "response.tool_choice" if cfg.tool_choice is not None else "session.tool_choice")
     items: list[Item] | None = None
     if cfg.input is not None:
         items = []
@@ -108,22 +128,59 @@ def resolve(session: RealtimeSession, cfg: ResponseConfig | None) -> ResolvedRes
         metadata=cfg.metadata,
         in_conversation=cfg.conversation == "auto",
         input=items,
-        tools=list(cfg.tools if cfg.tools is not None else s.tools),
+        tools=tools,
+        tool_choice=tool_choice,
     )
 
 
-def item_to_message(item: Item) -> ChatMessage | None:
-    """How a conversation item reads to a chat model (None: nothing to say)."""
-    if item.type == "message":
-        text = item.text_for_model()
-        return ChatMessage(role=item.role, content=text) if text else None  # type: ignore[arg-type]
-    if item.type == "function_call":
-        return ChatMessage(role="assistant", content=f"[called {item.name}({item.arguments})]")
-    return ChatMessage(role="tool", content=item.output or "")
+def resolve_tool_choice(choice: Any, tools: list[Any], param: str) -> str:
+    """`tool_choice` as GenerationParams takes it; a choice the tools cannot satisfy is an error."""
+    if isinstance(choice, str):
+        if choice == "required" and not tools:
+            raise ProtocolError("tool_choice 'required' needs at least one tool in 'tools'.", param=param)
+        return choice
+    if choice.type != "function":
+        raise ProtocolError(f"tool_choice of type '{choice.type}' is not supported by this server; use 'auto', "
+                            "'none', 'required' or a function.", code="unsupported_value", param=param)
+    if not any(t.name == choice.name for t in tools):
+        raise ProtocolError(f"tool_choice names the function '{choice.name}', which is not among the tools.",
+                            param=param)
+    return choice.name
+
+
+def items_to_messages(items: list[Item]) -> list[ChatMessage]:
+    """How conversation items read to a chat model (chat-completions shape).
+
+    A run of function_call items becomes one assistant turn with several `tool_calls` (joined to
+    the assistant text right before them: the model wrote both in one turn); each
+    function_call_output becomes a `tool` turn answering its call.
+    """
+    out: list[ChatMessage] = []
+    for item in items:
+        if item.type == "message":
+            text = item.text_for_model()
+            if text:
+                out.append(ChatMessage(role=item.role, content=text))  # type: ignore[arg-type]
+        elif item.type == "function_call":
+            call = ToolCall(id=item.call_id or "", name=item.name or "", arguments=item.arguments or "")
+            last = out[-1] if out else None
+            if last is not None and last.role == "assistant":
+                last.tool_calls = [*(last.tool_calls or []), call]
+            else:
+                out.append(ChatMessage(role="assistant", content="", tool_calls=[call]))
+        else:
+            out.append(ChatMessage(role="tool", content=item.output or "", tool_call_id=item.call_id))
+    return out
 
 
 class ResponseRun:
-    """Runs in its own task; cancelling the task cancels the response cleanly."""
+    """Runs in its own task; cancelling the task cancels the response cleanly.
+
+    Output items open lazily: the assistant message (with its text or audio part) when there is
+    text to show or speak, a function_call item when the model starts a call. A response that only
+    calls functions therefore has no message and, in voice mode, no audio. A response that ends
+    with no output at all still gets an (empty) message, as before tools existed.
+    """
 
     def __init__(self, session: RealtimeSession, spec: ResolvedResponse):
         self.session = session
@@ -137,9 +194,16 @@ class ResponseRun:
         self.task: asyncio.Task[None] | None = None
         # Snapshot of the context now: items the client adds later belong to the next turn.
         self._source = spec.input if spec.input is not None else list(session.conversation)
+        # Output items go into the conversation right after the snapshot, whatever is added meanwhile.
+        self._anchor: str | None = self._source[-1].id if spec.input is None and self._source else None
         self.messages: list[ChatMessage] = []  # built once the transcripts of the source exist
+        self.dropped: list[str] = []  # items truncation left out of this prompt
         self._text: list[str] = []
         self._deltas = 0
+        self._message: Item | None = None
+        self._calls: dict[int, Item] = {}  # function_call items by the backend's call index
+        self._args: dict[int, list[str]] = {}
+        self._closed: set[str] = set()  # ids of output items already done
         self.audio = SpokenAudio()
         tts_rate = session.ctx.tts.sample_rate if session.ctx.tts else OUTPUT_RATE
         self._resampler = StreamResampler(tts_rate, OUTPUT_RATE)
@@ -159,6 +223,8 @@ class ResponseRun:
         usage = None
         if self.usage is not None:
             u = self.usage
+            # Text tokens are the LLM's (prompt and reply, tool calls included). Speech goes through
+            # separate STT and TTS models, so there are no audio tokens to report.
             usage = {
                 "total_tokens": u.prompt_tokens + u.completion_tokens,
                 "input_tokens": u.prompt_tokens,
@@ -185,15 +251,35 @@ class ResponseRun:
             "metadata": self.spec.metadata,
         }
 
-    def _messages(self, items: list[Item]) -> list[ChatMessage]:
+    def _messages(self, items: Sequence[Item]) -> list[ChatMessage]:
         messages = []
         if self.spec.instructions:
             messages.append(ChatMessage(role="system", content=self.spec.instructions))
-        for item in items:
-            msg = item_to_message(item)
-            if msg is not None:
-                messages.append(msg)
+        messages.extend(items_to_messages(list(items)))
         return messages
+
+    def _tools(self) -> list[ToolSpec]:
+        return [ToolSpec(name=t.name, description=t.description, parameters=t.parameters) for t in self.spec.tools]
+
+    async def _prompt(self, llm: LLMBackend) -> list[ChatMessage]:
+        """The prompt messages, truncated to fit the model's context (see engine/truncation.py)."""
+        context_length = int(getattr(llm, "context_length", 0) or 0)
+        if context_length <= 0:
+            return self._messages(self._source)
+        window = self.session.context_window
+        tools = self._tools() if self.spec.tool_choice != "none" else []
+        fitted = await window.fit(
+            self._source, build=self._messages, count=llm.count_tokens, context_length=context_length,
+            reserve=reply_reserve(self.spec.max_output_tokens, context_length),
+            truncation=self.session.config.truncation,
+            extra_tokens=await window.tools_tokens(tools, llm.count_tokens),
+            persist=self.spec.in_conversation and self.spec.input is None,
+        )
+        if fitted.dropped:
+            log.info("response %s: truncation left out %d item(s) to fit the context of %d tokens "
+                     "(prompt now %d tokens)", self.id, len(fitted.dropped), context_length, fitted.prompt_tokens)
+        self.dropped = fitted.dropped
+        return fitted.messages
 
     # ------------------------------------------------------------------ run
 
@@ -204,25 +290,25 @@ class ResponseRun:
     async def run(self) -> None:
         emit = self.session.emit
         emit(ev.ResponseCreated(response=self.snapshot()))
-        item: Item | None = None
         finished: Finished | None = None
         try:
             stt_done = await self.session.transcriber.wait_for([i.id for i in self._source if i.id])
             if stt_done is not None:
                 self.marks["stt_done"] = stt_done
             self.marks["prompt_ready"] = time.monotonic()
-            self.messages = self._messages(self._source)
             llm = await self.session.ctx.resolve_llm(self.session.config.model)
+            self.messages = await self._prompt(llm)
             max_tokens = self.spec.max_output_tokens
             params = GenerationParams(
                 temperature=self.spec.temperature,
                 max_tokens=None if max_tokens == "inf" else int(max_tokens),
+                tools=self._tools(),
+                tool_choice=self.spec.tool_choice,
             )
-            item = self._open_item()
             if self.speaks:
-                finished = await self._stream_speech(item, llm, params)
+                finished = await self._stream_speech(llm, params)
             else:
-                finished = await self._stream_text(item, llm, params)
+                finished = await self._stream_text(llm, params)
             self.usage = finished.usage if finished else Usage(completion_tokens=self._deltas)
             if finished is not None and finished.finish_reason == "length":
                 self.status = "incomplete"
@@ -233,6 +319,9 @@ class ResponseRun:
             self.status = "cancelled"
             self.status_details = {"type": "cancelled", "reason": self.cancel_reason}
             self.usage = Usage(completion_tokens=self._deltas)
+        except ContextOverflow as exc:
+            log.warning("response %s failed: %s", self.id, exc.message)
+            self._fail("context_length_exceeded", exc.message, "invalid_request_error")
         except (LLMError, TTSError) as exc:
             log.warning("response %s failed: %s", self.id, exc)
             self._fail(exc.code, str(exc), "server_error")
@@ -240,12 +329,14 @@ class ResponseRun:
             log.exception("response %s failed", self.id)
             self._fail("server_error", f"The model backend failed: {exc}", "server_error")
         finally:
-            if item is not None:
-                self._close_item(item)
+            if not self.output and self.status != "failed":
+                self._ensure_message()
+            for item in list(self.output):
+                self._close(item)
             emit(ev.ResponseDone(response=self.snapshot()))
             self.session.response_finished(self)
 
-    async def _stream_text(self, item: Item, llm: LLMBackend, params: GenerationParams) -> Finished | None:
+    async def _stream_text(self, llm: LLMBackend, params: GenerationParams) -> Finished | None:
         finished = None
         async with contextlib.aclosing(llm.stream(self.messages, params)) as stream:
             async for chunk in stream:
@@ -254,15 +345,29 @@ class ResponseRun:
                     if chunk.text:
                         self._deltas += 1
                         self._text.append(chunk.text)
+                        item = self._ensure_message()
                         self.session.emit(ev.ResponseOutputTextDelta(**self._part_ids(item), delta=chunk.text))
+                elif isinstance(chunk, ToolCallDelta):
+                    self.marks.setdefault("llm_first_token", time.monotonic())
+                    if self._message is not None:
+                        self._close(self._message)  # the text before a call is complete
+                    self._on_tool_delta(chunk)
                 elif isinstance(chunk, Finished):
                     finished = chunk
         return finished
 
-    async def _stream_speech(self, item: Item, llm: LLMBackend, params: GenerationParams) -> Finished | None:
-        """LLM and TTS run concurrently: each clause is spoken while the next is generated."""
+    async def _stream_speech(self, llm: LLMBackend, params: GenerationParams) -> Finished | None:
+        """LLM and TTS run concurrently: each clause is spoken while the next is generated.
+
+        The message item opens when the first clause is queued (not when it is spoken), so output
+        indices follow the order in which the model wrote text and calls.
+        """
         clauses: asyncio.Queue[str | None] = asyncio.Queue()
         result: list[Finished] = []
+
+        def queue(clause: str) -> None:
+            self._ensure_message()
+            clauses.put_nowait(clause)
 
         async def produce() -> None:
             splitter = ClauseSplitter()
@@ -273,20 +378,27 @@ class ResponseRun:
                             self.marks.setdefault("llm_first_token", time.monotonic())
                             self._deltas += 1
                             for clause in splitter.push(chunk.text):
-                                clauses.put_nowait(clause)
+                                queue(clause)
+                        elif isinstance(chunk, ToolCallDelta):
+                            self.marks.setdefault("llm_first_token", time.monotonic())
+                            tail = splitter.flush()
+                            if tail.strip():
+                                queue(tail)
+                            self._on_tool_delta(chunk)
                         elif isinstance(chunk, Finished):
                             result.append(chunk)
                 tail = splitter.flush()
                 if tail.strip():
-                    clauses.put_nowait(tail)
+                    queue(tail)
             finally:
                 clauses.put_nowait(None)
 
         producer = asyncio.create_task(produce(), name=f"llm-{self.id}")
         try:
             while (clause := await clauses.get()) is not None:
-                await self._speak(item, clause)
-            self._play(item, self._resampler.flush(), final=True)
+                await self._speak(self._ensure_message(), clause)
+            if self._message is not None:
+                self._play(self._message, self._resampler.flush(), final=True)
             await producer  # re-raises a backend failure
         finally:
             if not producer.done():
@@ -336,19 +448,39 @@ class ResponseRun:
         self.status = "failed"
         self.status_details = {"type": "failed", "error": {"type": type, "code": code, "message": message}}
 
+    # ------------------------------------------------------------------ output items
+
     def _part_ids(self, item: Item) -> dict[str, Any]:
         return {"response_id": self.id, "item_id": item.id, "output_index": self.output.index(item),
                 "content_index": 0}
 
-    def _open_item(self) -> Item:
-        item = Item(id=new_id("item"), type="message", role="assistant", status="in_progress", content=[])
+    def _add_item(self, item: Item) -> None:
+        """Append an output item: `response.output_item.added`, then into the conversation."""
         self.output.append(item)
         emit = self.session.emit
         emit(ev.ResponseOutputItemAdded(response_id=self.id, output_index=len(self.output) - 1,
                                         item=item.wire()))
         if self.spec.in_conversation:
-            previous = self.session.conversation.insert(item)
+            conversation = self.session.conversation
+            after = self._anchor if self._anchor is not None else "root"
+            if after != "root" and conversation.get(after) is None:
+                after = None  # the item we followed was deleted meanwhile: append at the end
+            previous = conversation.insert(item, after)
+            self._anchor = item.id
             emit(ev.ConversationItemAdded(previous_item_id=previous, item=item.wire()))
+
+    def _ensure_message(self) -> Item:
+        """The assistant message of this response, opened (with its content part) on first use.
+
+        Text after a function call (a remote model may write some) opens a new message.
+        """
+        if self._message is not None and self._message.id not in self._closed:
+            return self._message
+        if self._message is not None:
+            self._text = []
+        item = Item(id=new_id("item"), type="message", role="assistant", status="in_progress", content=[])
+        self._message = item
+        self._add_item(item)
         if self.speaks:
             self.session.spoken[item.id or ""] = self.audio
             item.content = [ContentPart(type="output_audio", transcript="")]
@@ -356,25 +488,56 @@ class ResponseRun:
         else:
             item.content = [ContentPart(type="output_text", text="")]
             part = {"type": "text", "text": ""}
-        emit(ev.ResponseContentPartAdded(**self._part_ids(item), part=part))
+        self.session.emit(ev.ResponseContentPartAdded(**self._part_ids(item), part=part))
         return item
 
-    def _close_item(self, item: Item) -> None:
+    def _on_tool_delta(self, delta: ToolCallDelta) -> None:
+        item = self._calls.get(delta.index)
+        if item is None:
+            for other in self._calls.values():  # a new call starts: the previous one is complete
+                self._close(other, completed=True)
+            item = Item(id=new_id("item"), type="function_call", status="in_progress",
+                        call_id=delta.call_id or new_call_id(), name=delta.name or "", arguments="")
+            self._calls[delta.index] = item
+            self._args[delta.index] = []
+            self._add_item(item)
+        elif delta.name and not item.name:
+            item.name = delta.name
+        if delta.arguments and item.id not in self._closed:
+            self._args[delta.index].append(delta.arguments)
+            self.session.emit(ev.ResponseFunctionCallArgumentsDelta(
+                response_id=self.id, item_id=item.id or "", output_index=self.output.index(item),
+                call_id=item.call_id or "", delta=delta.arguments))
+
+    def _close(self, item: Item, completed: bool | None = None) -> None:
+        """Finish an output item once: its done events, then `conversation.item.done`."""
+        if item.id in self._closed:
+            return
+        self._closed.add(item.id or "")
         emit = self.session.emit
-        ids = self._part_ids(item)
-        text = "".join(self._text)
-        if self.speaks:
-            item.content = [ContentPart(type="output_audio", transcript=text)]
-            emit(ev.ResponseOutputAudioDone(**ids))
-            emit(ev.ResponseOutputAudioTranscriptDone(**ids, transcript=text))
-            emit(ev.ResponseContentPartDone(**ids, part={"type": "audio", "transcript": text}))
+        index = self.output.index(item)
+        if completed is None:
+            completed = self.status == "completed" or (self.status == "in_progress" and item.type == "message")
+        if item.type == "function_call":
+            call_index = next(k for k, v in self._calls.items() if v is item)
+            item.arguments = "".join(self._args[call_index])
+            emit(ev.ResponseFunctionCallArgumentsDone(
+                response_id=self.id, item_id=item.id or "", output_index=index, call_id=item.call_id or "",
+                name=item.name or "", arguments=item.arguments))
         else:
-            item.content = [ContentPart(type="output_text", text=text)]
-            emit(ev.ResponseOutputTextDone(**ids, text=text))
-            emit(ev.ResponseContentPartDone(**ids, part={"type": "text", "text": text}))
-        item.status = "completed" if self.status == "completed" else "incomplete"
-        emit(ev.ResponseOutputItemDone(response_id=self.id, output_index=ids["output_index"],
-                                       item=item.wire()))
+            ids = self._part_ids(item)
+            text = "".join(self._text)
+            if self.speaks:
+                item.content = [ContentPart(type="output_audio", transcript=text)]
+                emit(ev.ResponseOutputAudioDone(**ids))
+                emit(ev.ResponseOutputAudioTranscriptDone(**ids, transcript=text))
+                emit(ev.ResponseContentPartDone(**ids, part={"type": "audio", "transcript": text}))
+            else:
+                item.content = [ContentPart(type="output_text", text=text)]
+                emit(ev.ResponseOutputTextDone(**ids, text=text))
+                emit(ev.ResponseContentPartDone(**ids, part={"type": "text", "text": text}))
+        item.status = "completed" if completed else "incomplete"
+        emit(ev.ResponseOutputItemDone(response_id=self.id, output_index=index, item=item.wire()))
         if self.spec.in_conversation and self.session.conversation.get(item.id or "") is item:
             emit(ev.ConversationItemDone(previous_item_id=self.session.conversation.previous_id(item.id or ""),
                                          item=item.wire()))

@@ -31,6 +31,7 @@ from .input import RATE as INPUT_RATE
 from .input import InputAudio
 from .response import ResponseRun, SpokenAudio, resolve
 from .transcription import Transcriber
+from .truncation import ContextWindow
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class RealtimeSession:
         transport: Literal["websocket", "webrtc"],
         initial_session: dict[str, Any] | None = None,
         model: str | None = None,
+        api_key: str | None = None,
     ):
         self.ctx = ctx
         self.transport = transport
@@ -101,6 +103,10 @@ class RealtimeSession:
         self.turn_marks: dict[str, float] = {}
         self._audio_out_marks: dict[str, dict[str, float]] = {}
         self._idle_armed_at_ms = 0.0
+        # The key the client authenticated with: rate limits are per key (None: open server).
+        self.api_key = api_key
+        # Which items prompts leave out to fit the model's context (session `truncation`).
+        self.context_window = ContextWindow()
 
     # ------------------------------------------------------------------ public API
 
@@ -201,6 +207,7 @@ class RealtimeSession:
 
     def response_finished(self, run: ResponseRun) -> None:
         self._runs.pop(run.id, None)
+        self._report_rate_limits(run)
         if run.speaks and self.audio_output is not None and run.audio.ms:
             # WebRTC: the first audio "out" is when the player really starts sending it.
             marks = self._audio_out_marks.setdefault(run.id, {})
@@ -226,7 +233,7 @@ class RealtimeSession:
             self._active = None
             if self._auto_response_pending and not self.closed:
                 self._auto_response_pending = False
-                self._start_response(None)
+                self._start_auto_response()
 
     # ------------------------------------------------------------------ voice: turns and playback
 
@@ -247,7 +254,7 @@ class RealtimeSession:
         if self._active is not None:
             self._auto_response_pending = True
         else:
-            self._start_response(None)
+            self._start_auto_response()
 
     async def on_user_speech(self, interrupt: bool) -> None:
         self._cancel_idle_timer()
@@ -305,7 +312,7 @@ class RealtimeSession:
         self.emit(ev.InputAudioBufferTimeoutTriggered(audio_start_ms=int(start_ms),
                                                       audio_end_ms=int(self.input.total_ms), item_id=item_id))
         self.commit_audio(self.input.take_all(), item_id)
-        self._start_response(None)
+        self._start_auto_response()
 
     def _truncate(self, item: Item, content_index: int, audio_end_ms: int) -> int:
         """Cut an assistant item's audio (and its transcript) to `audio_end_ms`, clamped; returns the cut."""
@@ -352,6 +359,10 @@ class RealtimeSession:
             raise from_validation_error(exc, merged, prefix) from None
         self.check_modalities(config.output_modalities, f"{prefix}.output_modalities")
         self.check_voice(config.audio.output.voice, f"{prefix}.audio.output.voice")
+        if self.ctx.check_model is not None and config.model != self.config.model:
+            problem = self.ctx.check_model(config.model)
+            if problem:
+                raise ProtocolError(problem, code="model_not_found", param=f"{prefix}.model")
         return config
 
     async def _on_conversation_item_create(self, event: ev.ConversationItemCreate) -> None:
@@ -413,6 +424,9 @@ class RealtimeSession:
 
     def _start_response(self, config: ev.ResponseConfig | None) -> ResponseRun:
         spec = resolve(self, config)
+        limiter = self.ctx.rate_limiter
+        if limiter is not None and (refused := limiter.try_start(self.api_key)) is not None:
+            raise ProtocolError(refused.message, code="rate_limit_exceeded", type=refused.name)
         self._cancel_idle_timer()
         run = ResponseRun(self, spec)
         self._runs[run.id] = run
@@ -420,6 +434,22 @@ class RealtimeSession:
             self._active = run
         run.task = asyncio.create_task(run.run(), name=f"response-{run.id}")
         return run
+
+    def _start_auto_response(self) -> None:
+        """A response the server starts (turn detection): a refusal becomes an `error` event."""
+        try:
+            self._start_response(None)
+        except ProtocolError as exc:
+            self.emit(ev.ErrorEvent(error=exc.detail(None)))
+
+    def _report_rate_limits(self, run: ResponseRun) -> None:
+        """Charge the response's tokens to the key and send `rate_limits.updated`."""
+        limiter = self.ctx.rate_limiter
+        if limiter is None:
+            return
+        if run.usage is not None:
+            limiter.add_tokens(self.api_key, run.usage.prompt_tokens + run.usage.completion_tokens)
+        self.emit(ev.RateLimitsUpdated(rate_limits=limiter.snapshot(self.api_key)))
 
     async def _on_response_cancel(self, event: ev.ResponseCancel) -> None:
         if event.response_id:

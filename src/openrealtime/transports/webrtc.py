@@ -595,13 +595,18 @@ class CallManager:
         return len(self._calls)
 
     async def create_call(
-        self, offer_sdp: str, session: dict[str, Any] | None = None, model: str | None = None
+        self, offer_sdp: str, session: dict[str, Any] | None = None, model: str | None = None,
+        api_key: str | None = None,
     ) -> Call:
-        """Answer an SDP offer; raises InvalidOffer or InvalidSessionConfig without leaking a peer."""
+        """Answer an SDP offer; raises InvalidOffer or InvalidSessionConfig without leaking a peer.
+
+        `api_key`: the caller's key, which the session's rate limits are counted against.
+        """
         if self._shut_down:
             raise ShuttingDown("The server is shutting down.")
         parse_offer(offer_sdp)
-        rt = self.session_factory(self.ctx, transport="webrtc", initial_session=session, model=model)
+        extra = {"api_key": api_key} if api_key is not None else {}
+        rt = self.session_factory(self.ctx, transport="webrtc", initial_session=session, model=model, **extra)
         call = Call(self, rt, model)
         try:
             await call._negotiate(offer_sdp.strip() + "\r\n")

@@ -1,0 +1,380 @@
+"""LLM backend for any OpenAI-compatible ``/chat/completions`` server (OpenAI, Groq, vLLM, llama.cpp, ...).
+
+Streams with server-sent events over httpx and maps the chunks to the engine's LLM protocol:
+``delta.content`` -> ``TextDelta``, ``delta.tool_calls`` -> ``ToolCallDelta``, the final chunk's
+``finish_reason`` and the ``usage`` chunk (``stream_options.include_usage``) -> ``Finished``.
+
+Failures become ``LLMError`` with a code the engine puts in ``response.done`` ``status_details``:
+
+- ``upstream_unreachable``: could not connect (after ``connect_retries`` retries with backoff;
+  connect errors are the only ones retried, and only before any output was produced),
+- ``upstream_rate_limited``: HTTP 429,
+- ``upstream_auth_failed``: HTTP 401/403 (wrong or missing API key),
+- ``upstream_error``: any other HTTP error status (5xx, 4xx) or an error object inside the stream,
+  the message carries the upstream status and error message, ``details`` the parsed body,
+- ``context_length_exceeded``: the upstream said the prompt is too long,
+- ``upstream_timeout``: no byte for ``timeout`` seconds while waiting for the answer,
+- ``upstream_disconnected``: the stream ended before the completion did (server died mid-stream).
+
+Leaving the stream early (``aclose()``, task cancellation) closes the HTTP response at once, which
+makes the upstream stop generating; nothing is left open.
+
+``count_tokens`` has no tokenizer to ask: it estimates about four characters per token (plus a few
+tokens of chat-template overhead per message), which is what context management needs; usage in
+``Finished`` comes from the server itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+
+from openrealtime.backends.llm import (
+    ChatMessage,
+    Finished,
+    GenerationParams,
+    LLMError,
+    LLMEvent,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
+from openrealtime.backends.openai_http import upstream_error_message
+
+logger = logging.getLogger(__name__)
+
+# Characters per token for the token estimate (English text with BPE vocabularies: ~4).
+CHARS_PER_TOKEN = 4
+# Chat-template tokens around each message (role markers, separators).
+TOKENS_PER_MESSAGE = 4
+# Largest error body we read from a failed upstream response.
+_MAX_ERROR_BODY = 64 * 1024
+
+_FINISH_REASONS = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "stop",
+    "eos": "stop",
+    "eos_token": "stop",
+}
+
+_CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
+def message_to_openai(message: ChatMessage) -> dict[str, Any]:
+    """One ``ChatMessage`` in chat-completions request shape."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.role == "assistant" and message.tool_calls:
+        out["tool_calls"] = [
+            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for call in message.tool_calls
+        ]
+    if message.role == "tool":
+        out["tool_call_id"] = message.tool_call_id or ""
+    return out
+
+
+def tools_to_openai(params: GenerationParams) -> dict[str, Any]:
+    """``tools`` and ``tool_choice`` request fields (nothing when no tools are offered)."""
+    if not params.tools:
+        return {}
+    tools = []
+    for spec in params.tools:
+        function: dict[str, Any] = {"name": spec.name}
+        if spec.description:
+            function["description"] = spec.description
+        function["parameters"] = spec.parameters or {"type": "object", "properties": {}}
+        tools.append({"type": "function", "function": function})
+    choice: Any = params.tool_choice or "auto"
+    if choice not in ("auto", "none", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    return {"tools": tools, "tool_choice": choice}
+
+
+class _CallMap:
+    """Numbers streamed tool calls 0, 1, ... whatever the upstream does.
+
+    The first delta of a call gets its id and name; continuations only carry argument text. Some
+    servers repeat the id and name on every delta, omit ``index``, or reuse index 0 for every call
+    (a new id then means a new call).
+    """
+
+    def __init__(self) -> None:
+        self._by_upstream: dict[int, tuple[int, str | None]] = {}  # upstream index -> (ours, id)
+        self._count = 0
+
+    def delta(self, call: dict[str, Any], position: int) -> ToolCallDelta:
+        upstream = call.get("index")
+        if not isinstance(upstream, int):
+            upstream = position
+        function = call.get("function") or {}
+        call_id = call.get("id") or None
+        arguments = function.get("arguments") or ""
+        if not isinstance(arguments, str):  # a few servers send the arguments as an object
+            arguments = json.dumps(arguments)
+        known = self._by_upstream.get(upstream)
+        if known is not None and (call_id is None or call_id == known[1]):
+            return ToolCallDelta(index=known[0], arguments=arguments)
+        index = self._count
+        self._count += 1
+        self._by_upstream[upstream] = (index, call_id)
+        return ToolCallDelta(index=index, arguments=arguments, call_id=call_id or f"call_{secrets.token_hex(12)}",
+                             name=str(function.get("name") or ""))
+
+
+class OpenAICompatLLM:
+    """Implements ``LLMBackend`` on a remote OpenAI-compatible chat-completions endpoint."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        model: str = "",
+        *,
+        timeout: float = 60.0,
+        connect_timeout: float = 5.0,
+        connect_retries: int = 2,
+        retry_backoff_s: float = 0.25,
+        context_length: int = 8192,
+        name: str | None = None,
+        headers: dict[str, str] | None = None,
+        stream_usage: bool = True,
+        client: httpx.AsyncClient | Callable[[], httpx.AsyncClient] | None = None,
+    ):
+        """Cheap: nothing connects until the first request.
+
+        ``timeout`` bounds every wait for bytes from the server (the first token and each next one);
+        ``client`` (or a function returning it, called on each request) lets several backends of
+        one provider share a connection pool; the caller then closes it.
+        """
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.name = name or model or self.base_url
+        self.context_length = context_length
+        self.timeout = timeout
+        self.connect_retries = max(0, connect_retries)
+        self.retry_backoff_s = retry_backoff_s
+        self._stream_usage = stream_usage
+        self._headers = {"Accept": "text/event-stream", **(headers or {})}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
+        self._client = client
+        self._owns_client = client is None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatLLM(name={self.name!r}, base_url={self.base_url!r}, model={self.model!r})"
+
+    def _http(self) -> httpx.AsyncClient:
+        if callable(self._client) and not isinstance(self._client, httpx.AsyncClient):
+            return self._client()
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout)
+        return self._client
+
+    # --- LLMBackend ---
+
+    def request_body(self, messages: list[ChatMessage], params: GenerationParams) -> dict[str, Any]:
+        """The JSON body of the chat-completions request (public for tests and debugging)."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [message_to_openai(m) for m in messages],
+            "stream": True,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        }
+        if self._stream_usage:
+            body["stream_options"] = {"include_usage": True}
+        if params.max_tokens is not None:
+            body["max_tokens"] = max(1, params.max_tokens)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        body.update(tools_to_openai(params))
+        return body
+
+    async def stream(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[LLMEvent]:
+        if self._closed:
+            raise LLMError("The backend is closed", code="model_closed")
+        body = self.request_body(messages, params)
+        url = f"{self.base_url}/chat/completions"
+        attempt = 0
+        while True:
+            try:
+                async with self._http().stream("POST", url, json=body, headers=self._headers,
+                                                timeout=self._timeout) as response:
+                    if response.status_code >= 400:
+                        error = await self._status_error(response)
+                        if (response.status_code == 400 and "stream_options" in body
+                                and "stream_options" in str(error)):
+                            # An older server that rejects stream_options: ask again without it.
+                            logger.info("%s: upstream rejects stream_options; not asking for usage", self.name)
+                            self._stream_usage = False
+                            body.pop("stream_options")
+                            continue
+                        raise error
+                    async for event in self._events(response, messages):
+                        yield event
+                    return
+            except _CONNECT_ERRORS as exc:
+                if attempt >= self.connect_retries:
+                    raise LLMError(
+                        f"Cannot reach the upstream server {self.base_url} ({self.name}): "
+                        f"{type(exc).__name__}: {exc or 'connection failed'}",
+                        code="upstream_unreachable",
+                        details={"provider": self.name, "url": url, "attempts": attempt + 1},
+                    ) from exc
+                delay = self.retry_backoff_s * (2 ** attempt)
+                attempt += 1
+                logger.info("%s: connecting to %s failed (%s); retry %d/%d in %.2fs", self.name, url, exc,
+                            attempt, self.connect_retries, delay)
+                await asyncio.sleep(delay)
+            except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:
+                raise LLMError(
+                    f"The upstream server {self.base_url} ({self.name}) sent nothing for {self.timeout:g}s",
+                    code="upstream_timeout", details={"provider": self.name, "timeout_s": self.timeout},
+                ) from exc
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                raise LLMError(
+                    f"The upstream server {self.base_url} ({self.name}) closed the connection "
+                    f"mid-response: {exc or type(exc).__name__}",
+                    code="upstream_disconnected", details={"provider": self.name},
+                ) from exc
+            except httpx.HTTPError as exc:  # anything else httpx raises (invalid URL, ...)
+                raise LLMError(f"Request to {self.base_url} ({self.name}) failed: {exc}",
+                               code="upstream_error", details={"provider": self.name}) from exc
+
+    async def _status_error(self, response: httpx.Response) -> LLMError:
+        raw = b""
+        async for chunk in response.aiter_bytes():
+            raw += chunk
+            if len(raw) >= _MAX_ERROR_BODY:
+                break
+        text = raw[:_MAX_ERROR_BODY].decode("utf-8", "replace")
+        try:
+            parsed: Any = json.loads(text)
+        except ValueError:
+            parsed = None
+        message, upstream_code = upstream_error_message(parsed, text)
+        status = response.status_code
+        if status == 429:
+            code = "upstream_rate_limited"
+        elif status in (401, 403):
+            code = "upstream_auth_failed"
+        elif upstream_code == "context_length_exceeded" or "context length" in message.lower() or (
+                "context window" in message.lower()):
+            code = "context_length_exceeded"
+        else:
+            code = "upstream_error"
+        details = {"provider": self.name, "status": status, "upstream_code": upstream_code,
+                   "upstream_error": parsed if parsed is not None else text[:2000]}
+        if status == 429 and response.headers.get("retry-after"):
+            details["retry_after"] = response.headers["retry-after"]
+        return LLMError(f"Upstream {self.name} answered HTTP {status}: {message}", code=code, details=details)
+
+    async def _events(self, response: httpx.Response, messages: list[ChatMessage]) -> AsyncIterator[LLMEvent]:
+        """Parse the SSE stream; every event the engine sees ends with exactly one ``Finished``.
+
+        Without a usage chunk (servers that ignore ``include_usage``), usage is estimated: the prompt
+        with ``count_tokens`` and the completion as one token per streamed chunk.
+        """
+        finish: str | None = None
+        chunks = 0
+        usage: Usage | None = None
+        saw_tool_calls = False
+        done = False
+        calls = _CallMap()
+        data_lines: list[str] = []
+
+        def handle(payload: str) -> list[LLMEvent]:
+            nonlocal finish, usage, saw_tool_calls, done, chunks
+            payload = payload.strip()
+            if not payload:
+                return []
+            if payload == "[DONE]":
+                done = True
+                return []
+            try:
+                chunk = json.loads(payload)
+            except ValueError:
+                logger.debug("%s: ignoring a non-JSON SSE event: %.200s", self.name, payload)
+                return []
+            if not isinstance(chunk, dict):
+                return []
+            if chunk.get("error"):
+                message, upstream_code = upstream_error_message(chunk, payload)
+                raise LLMError(f"Upstream {self.name} failed mid-stream: {message}", code="upstream_error",
+                               details={"provider": self.name, "upstream_code": upstream_code,
+                                        "upstream_error": chunk["error"]})
+            out: list[LLMEvent] = []
+            if isinstance(chunk.get("usage"), dict):
+                u = chunk["usage"]
+                cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                usage = Usage(prompt_tokens=int(u.get("prompt_tokens") or 0),
+                              completion_tokens=int(u.get("completion_tokens") or 0),
+                              cached_tokens=int(cached))
+            for choice in chunk.get("choices") or []:
+                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                    continue
+                delta = choice.get("delta") or {}
+                text = delta.get("content")
+                if text:
+                    out.append(TextDelta(str(text)))
+                if text or delta.get("tool_calls"):
+                    chunks += 1
+                for position, call in enumerate(delta.get("tool_calls") or []):
+                    saw_tool_calls = True
+                    out.append(calls.delta(call, position))
+                if choice.get("finish_reason"):
+                    finish = str(choice["finish_reason"])
+            return out
+
+        async for line in response.aiter_lines():
+            if line.startswith(":"):  # SSE comment (keep-alive)
+                continue
+            if line.startswith("data:"):
+                data_lines.append(line[5:].removeprefix(" "))
+                continue
+            if line == "" and data_lines:  # end of one SSE event
+                payload, data_lines = "\n".join(data_lines), []
+                for event in handle(payload):
+                    yield event
+                if done:
+                    break
+        else:
+            if data_lines:  # last event without its blank line
+                for event in handle("\n".join(data_lines)):
+                    yield event
+        if not done and finish is None:
+            raise LLMError(f"The upstream server {self.base_url} ({self.name}) ended the stream before the "
+                           "completion finished", code="upstream_disconnected", details={"provider": self.name})
+        reason = _FINISH_REASONS.get(finish or "stop", "stop")
+        if saw_tool_calls and reason == "stop":
+            reason = "tool_calls"
+        if usage is None:
+            usage = Usage(prompt_tokens=await self.count_tokens(messages), completion_tokens=chunks)
+        yield Finished(finish_reason=reason, usage=usage)  # type: ignore[arg-type]
+
+    async def count_tokens(self, messages: list[ChatMessage]) -> int:
+        """Estimated prompt size: ~4 characters per token plus per-message overhead (no tokenizer)."""
+        total = 0
+        for m in messages:
+            chars = len(m.content or "")
+            for call in m.tool_calls or []:
+                chars += len(call.name) + len(call.arguments)
+            total += TOKENS_PER_MESSAGE + (chars + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+        return total + 2
+
+    async def close(self) -> None:
+        self._closed = True
+        if isinstance(self._client, httpx.AsyncClient) and self._owns_client:
+            await self._client.aclose()
+        self._client = None

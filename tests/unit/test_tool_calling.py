@@ -1,0 +1,293 @@
+"""Schema-guided decoding, the tool-call parser and scanner, and tool prompts (no model needed)."""
+
+from __future__ import annotations
+
+import json
+import string
+
+import jsonschema
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from openrealtime.backends.llm import ChatMessage, ToolCall, ToolSpec
+from openrealtime.backends.tool_calling import (
+    TOOL_CALL_OPEN,
+    CallScanner,
+    GuidedDecoder,
+    generic_tools_prompt,
+    minimal_value,
+    parse_tool_calls,
+    template_messages,
+    template_supports_tools,
+)
+
+from .fake_lm import FakeLM
+
+
+def softmax_sampler(seed: int):
+    rng = np.random.default_rng(seed)
+
+    def sample(logits: np.ndarray) -> int:
+        p = np.exp(logits - logits.max())
+        return int(rng.choice(len(p), p=p / p.sum()))
+    return sample
+
+
+def decode(schema: dict, seed: int = 0, budget: int = 10_000, quote_bias: float = 2.0) -> tuple[str, FakeLM]:
+    lm = FakeLM(seed, budget=budget, quote_bias=quote_bias)
+    guide = GuidedDecoder(lm, lm.vocab, softmax_sampler(seed))
+    out: list[str] = []
+    guide.json_value(schema, out.append)
+    guide.flush()
+    return "".join(out), lm
+
+
+# ---------------------------------------------------------------- random schemas of the supported subset
+
+NAMES = st.text(alphabet=string.ascii_letters + "_é", min_size=1, max_size=8)
+ENUM_STR = st.text(alphabet=string.ascii_letters + " -", min_size=0, max_size=10)
+
+
+def leaves() -> st.SearchStrategy[dict]:
+    strings = st.builds(
+        lambda lo, extra: {"type": "string", **({"minLength": lo} if lo else {}),
+                           **({"maxLength": lo + extra} if extra is not None else {})},
+        st.integers(0, 4), st.one_of(st.none(), st.integers(0, 12)))
+    ints = st.one_of(
+        st.just({"type": "integer"}),
+        st.just({"type": "integer", "minimum": 0}),
+        st.builds(lambda lo, k: {"type": "integer", "minimum": lo, "maximum": lo + k},
+                  st.integers(-50, 50), st.integers(0, 20)),
+    )
+    return st.one_of(
+        strings, ints,
+        st.just({"type": "number"}), st.just({"type": "number", "minimum": 0}),
+        st.just({"type": "boolean"}), st.just({"type": "null"}),
+        st.just({"type": ["string", "null"]}),
+        st.lists(ENUM_STR, min_size=1, max_size=5, unique=True).map(lambda v: {"type": "string", "enum": v}),
+        st.lists(st.integers(-1000, 1000), min_size=1, max_size=5, unique=True).map(lambda v: {"enum": v}),
+        st.sampled_from([{"const": "fixed"}, {"const": 3}, {}, {"description": "anything"}]),
+    )
+
+
+def composite(children: st.SearchStrategy[dict]) -> st.SearchStrategy[dict]:
+    def obj(props: dict[str, dict], required: list[bool], extra: bool) -> dict:
+        req = [k for k, r in zip(props, required, strict=False) if r]
+        out = {"type": "object", "properties": props, "required": req}
+        if extra:
+            out["additionalProperties"] = False
+        return out
+
+    objects = st.dictionaries(NAMES, children, max_size=4).flatmap(
+        lambda props: st.builds(obj, st.just(props), st.lists(st.booleans(), min_size=len(props),
+                                                                  max_size=len(props)), st.booleans()))
+    arrays = st.builds(
+        lambda items, lo, extra: {"type": "array", "items": items, "minItems": lo,
+                                  **({"maxItems": lo + extra} if extra is not None else {})},
+        children, st.integers(0, 2), st.one_of(st.none(), st.integers(0, 3)))
+    any_of = st.lists(children, min_size=1, max_size=3).map(lambda opts: {"anyOf": opts})
+    return st.one_of(objects, arrays, any_of)
+
+
+SCHEMAS = st.recursive(leaves(), composite, max_leaves=12)
+TOP = st.dictionaries(NAMES, SCHEMAS, max_size=5).flatmap(
+    lambda props: st.builds(lambda req: {"type": "object", "properties": props,
+                                         "required": [k for k, r in zip(props, req, strict=False) if r]},
+                            st.lists(st.booleans(), min_size=len(props), max_size=len(props))))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schema=TOP, seed=st.integers(0, 2**16), bias=st.sampled_from([-2.0, 0.0, 3.0]))
+def test_guided_output_always_parses_and_validates(schema: dict, seed: int, bias: float):
+    text, lm = decode(schema, seed, quote_bias=bias)
+    value = json.loads(text)
+    jsonschema.validate(value, schema)
+    # What the model saw is exactly what was emitted (all evaluated tokens spell the JSON).
+    assert lm.detok() == text
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schema=TOP, seed=st.integers(0, 2**16), budget=st.integers(0, 30))
+def test_running_out_of_budget_still_gives_valid_json(schema: dict, seed: int, budget: int):
+    text, lm = decode(schema, seed, budget=budget)
+    jsonschema.validate(json.loads(text), schema)
+    assert len(lm.evaluated) <= budget
+
+
+def test_refs_and_nested_definitions():
+    schema = {
+        "type": "object",
+        "$defs": {"Point": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+                            "required": ["x", "y"]}},
+        "properties": {"a": {"$ref": "#/$defs/Point"}, "path": {"type": "array", "items": {"$ref": "#/$defs/Point"}}},
+        "required": ["a", "path"],
+    }
+    for seed in range(20):
+        text, _ = decode(schema, seed)
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_minimal_values_validate():
+    schema = {"type": "object", "properties": {
+        "s": {"type": "string", "minLength": 3}, "n": {"type": "integer", "minimum": 5},
+        "arr": {"type": "array", "items": {"type": "boolean"}, "minItems": 2},
+        "e": {"enum": ["a", "b"]}, "o": {"type": "object", "properties": {"z": {"type": "null"}}, "required": ["z"]}},
+        "required": ["s", "n", "arr", "e", "o"]}
+    jsonschema.validate(minimal_value(schema), schema)
+
+
+def test_tool_call_block_is_canonical_and_chooses_among_tools():
+    tools = [ToolSpec("get_weather", "w", {"type": "object", "properties": {"city": {"type": "string"}},
+                                           "required": ["city"]}),
+             ToolSpec("get_time", "t", None)]
+    for seed in range(10):
+        lm = FakeLM(seed, quote_bias=3)
+        guide = GuidedDecoder(lm, lm.vocab, softmax_sampler(seed))
+        seen: dict[str, list[str]] = {}
+
+        def on_name(name: str, seen=seen):
+            seen[name] = []
+            return seen[name].append
+
+        guide.tool_call(tools, None, on_name)
+        guide.flush()
+        [(name, parts)] = seen.items()
+        parsed = parse_tool_calls(lm.detok())
+        assert not parsed.errors and parsed.text.strip() == ""
+        assert [(c.name, json.loads(c.arguments)) for c in parsed.calls] == [(name, json.loads("".join(parts)))]
+        spec = next(t for t in tools if t.name == name)
+        jsonschema.validate(json.loads("".join(parts)), spec.parameters or {"type": "object"})
+    # A named choice is always that function.
+    lm = FakeLM(1)
+    guide = GuidedDecoder(lm, lm.vocab, softmax_sampler(1))
+    names: list[str] = []
+    guide.tool_call(tools, "get_time", lambda n: (names.append(n), lambda _t: None)[1])
+    assert names == ["get_time"]
+
+
+# ---------------------------------------------------------------- parsing and scanning
+
+
+def test_parse_tool_calls_text_calls_and_malformed_blocks():
+    out = parse_tool_calls(
+        'Sure.<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>'
+        '<tool_call>{"name": "b", "parameters": "{\\"y\\": 2}"}</tool_call>'
+        "<tool_call>{not json}</tool_call> tail <tool_call>{\"name\": \"c\", \"arguments\": {}}")
+    assert [(c.name, json.loads(c.arguments)) for c in out.calls] == [("a", {"x": 1}), ("b", {"y": 2}), ("c", {})]
+    assert out.text.startswith("Sure.") and "{not json}" in out.text and len(out.errors) == 1
+    assert parse_tool_calls("no calls here").text == "no calls here"
+    assert parse_tool_calls('<tool_call>{"name": "x", "arguments": [1]}</tool_call>').errors
+
+
+@pytest.mark.parametrize("pieces", [
+    ["Hello ", "<", "tool", "_call", ">", "\n{"],
+    ["Hello <tool_call>", "\n"],
+    ["Hello <to", "ol_call>"],
+])
+def test_scanner_finds_the_marker_and_holds_back_its_start(pieces: list[str]):
+    scanner = CallScanner()
+    shown, opening = "", None
+    for piece in pieces:
+        text, opening = scanner.push(piece)
+        shown += text
+        if opening is not None:
+            break
+    assert shown == "Hello " and opening == len("Hello ")
+
+
+def test_scanner_releases_text_that_is_not_a_call():
+    scanner = CallScanner()
+    out = "".join(scanner.push(p)[0] for p in ["a <", "b", " {", '"x": 1}'])
+    assert out == 'a <b {"x": 1}'
+    assert scanner.flush() == ""
+    scanner = CallScanner()
+    assert scanner.push("3 <tool")[0] == "3 "
+    assert scanner.flush() == "<tool"
+
+
+@pytest.mark.parametrize("pieces", [['{"', "name", '":', ' "'], ["  ", "```json\n", '{\n  "name": "']])
+def test_scanner_takes_a_bare_json_call_at_the_start(pieces: list[str]):
+    scanner = CallScanner()
+    results = [scanner.push(p) for p in pieces]
+    assert all(text == "" for text, _ in results)
+    assert results[-1][1] == len(scanner.text) - len(scanner.text.lstrip())
+    later = CallScanner()
+    assert later.push("Hi. ")[0] == "Hi. " and later.push('{"name": "')[1] is None
+
+
+# ---------------------------------------------------------------- prompts
+
+
+TOOLS = [ToolSpec("get_weather", "Weather.", {"type": "object", "properties": {"city": {"type": "string"}}})]
+CONVERSATION = [
+    ChatMessage("system", "Be brief."),
+    ChatMessage("user", "Weather in Paris?"),
+    ChatMessage("assistant", "", tool_calls=[ToolCall("call_1", "get_weather", '{"city": "Paris"}'),
+                                             ToolCall("call_2", "get_weather", '{"city": "Lyon"}')]),
+    ChatMessage("tool", "sunny", tool_call_id="call_1"),
+    ChatMessage("tool", "rainy", tool_call_id="call_2"),
+]
+
+
+def test_generic_prompt_rewrites_tools_calls_and_results():
+    msgs, tool_var = template_messages(CONVERSATION, TOOLS, native=False)
+    assert tool_var is None
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert msgs[0]["content"].startswith("Be brief.\n\n# Tools") and '"name": "get_weather"' in msgs[0]["content"]
+    assert msgs[2]["content"].count(TOOL_CALL_OPEN) == 2 and '{"city": "Lyon"}' in msgs[2]["content"]
+    assert msgs[3]["content"] == "<tool_response>\nsunny\n</tool_response>\n<tool_response>\nrainy\n</tool_response>"
+    # No system message: one is added for the tools; no tools: no section.
+    msgs, _ = template_messages(CONVERSATION[1:2], TOOLS, native=False)
+    assert msgs[0]["role"] == "system" and msgs[0]["content"] == generic_tools_prompt(TOOLS)
+    msgs, _ = template_messages(CONVERSATION[:2], [], native=False)
+    assert msgs[0]["content"] == "Be brief."
+
+
+def test_native_prompt_passes_structured_calls():
+    msgs, tool_var = template_messages(CONVERSATION, TOOLS, native=True)
+    assert tool_var == [{"type": "function", "function": {"name": "get_weather", "description": "Weather.",
+                                                          "parameters": TOOLS[0].parameters}}]
+    assert msgs[2]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert msgs[3] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}
+
+
+def test_chat_template_renders_tools_natively_or_generically():
+    from openrealtime.backends.llamacpp import ChatTemplate
+
+    native_source = (
+        "{% if tools %}<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>{% endif %}"
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }} {{ c.function.arguments | tojson }}"
+        "</tool_call>{% endfor %}{% endfor %}"
+    )
+    assert template_supports_tools(native_source)
+    native = ChatTemplate(native_source)
+    text = native.render(CONVERSATION, tools=TOOLS)
+    assert text.startswith('<tools>{"type": "function"') and '<tool_call>get_weather {"city": "Paris"}' in text
+    generic = ChatTemplate(None)  # ChatML fallback: no tool support
+    assert not generic.native_tools
+    text = generic.render(CONVERSATION, tools=TOOLS)
+    assert "# Tools" in text and "<|im_start|>user\n<tool_response>\nsunny" in text
+    assert "<|im_start|>tool" not in text
+
+
+def test_bare_opening_must_name_a_tool():
+    from openrealtime.backends.tool_calling import could_start_name
+
+    names = ["get_weather", "get_time"]
+    assert could_start_name("get", names) and could_start_name("get_time", names)
+    assert could_start_name('get_time", "arguments"', names)
+    assert not could_start_name("Bob", names) and not could_start_name(" get", names)
+    scanner = CallScanner()
+    for piece in ['{"', "name", '": "', "Bo"]:
+        _, opening = scanner.push(piece)
+        if opening is not None:
+            break
+    assert opening == 0 and scanner.bare and scanner.after_bare_opening() == ""
+    scanner.push("Bob")
+    assert scanner.after_bare_opening() == "Bob"
+    held = scanner.reject_bare()
+    assert held.startswith('{"name": "') and not scanner.bare
+    assert scanner.push('", "age": 3}') == ('", "age": 3}', None)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import websockets
 from openai import AsyncOpenAI
 
 from openrealtime.backends.llm import (
@@ -216,6 +217,16 @@ async def test_unknown_provider_is_rejected_at_session_update(remote_server: Ser
         # The session keeps its model and goes on.
         await conn.session.update(session={"type": "realtime", "output_modalities": ["text"]})
         assert (await collect(conn, "session.updated"))[-1]["session"]["model"] != "nope/some-model"
+
+
+async def test_unknown_provider_in_the_connect_url_is_refused(remote_server: Server):
+    url = f"{remote_server.ws_url}/v1/realtime?model=nope/some-model"
+    with pytest.raises(websockets.InvalidStatus) as exc:
+        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {remote_server.api_key}"}):
+            pass
+    assert exc.value.response.status_code == 400
+    error = json.loads(exc.value.response.body)["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
 
 
 async def test_unreachable_provider_fails_the_response_and_the_session_goes_on(remote_server: Server):

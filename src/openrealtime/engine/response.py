@@ -26,7 +26,6 @@ from ..backends.llm import (
     Usage,
 )
 from ..backends.speech import TTSError
-from ..backends.tool_calling import new_call_id
 from ..protocol import events as ev
 from ..protocol.errors import ProtocolError
 from ..protocol.events import ItemReference, ResponseConfig, new_id
@@ -497,7 +496,7 @@ class ResponseRun:
             for other in self._calls.values():  # a new call starts: the previous one is complete
                 self._close(other, completed=True)
             item = Item(id=new_id("item"), type="function_call", status="in_progress",
-                        call_id=delta.call_id or new_call_id(), name=delta.name or "", arguments="")
+                        call_id=delta.call_id or new_id("call"), name=delta.name or "", arguments="")
             self._calls[delta.index] = item
             self._args[delta.index] = []
             self._add_item(item)

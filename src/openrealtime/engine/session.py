@@ -84,6 +84,9 @@ class RealtimeSession:
         )
         if ctx.tts is not None and ctx.tts.voices():
             self.config.audio.output.voice = ctx.tts.voices()[0].id
+        if model and ctx.check_model is not None and (problem := ctx.check_model(model)):
+            # `?model=` / a call's model names an unknown provider: refuse before the session starts.
+            raise InvalidSessionConfig(problem, "model", "model_not_found")
         if initial_session:
             try:
                 self.config = self._merged_config(initial_session, "session")

@@ -51,8 +51,13 @@ def speak(text: str, rate: int = 24000) -> bytes:
     """``text`` spoken as PCM16 mono at ``rate`` Hz (Piper, else espeak-ng); RuntimeError if neither."""
     voice = _piper_voice()
     if voice is not None:
+        from piper.config import SynthesisConfig
+
+        # No generator noise: the same text gives the same samples every run, so what the STT
+        # hears (and every assertion on it) is reproducible.
+        deterministic = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
         with _piper_lock:
-            chunks = [c.audio_int16_array for c in voice.synthesize(text)]
+            chunks = [c.audio_int16_array for c in voice.synthesize(text, syn_config=deterministic)]
         samples = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
         return _resample(samples, voice.config.sample_rate, rate)
     exe = shutil.which("espeak-ng")

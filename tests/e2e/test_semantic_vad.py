@@ -188,9 +188,11 @@ async def test_noise_reduction_on_noise_alone_and_noisy_speech(server: Server):
         # reduction here), so the check is that suppression never adds any.
         assert results[name]["false_starts"] <= results["off"]["false_starts"], results
     # A guard against damage, not a precise comparison: ~45 words per noise type, and each run
-    # synthesizes slightly different speech, so one borderline clip moves WER by several points.
-    # bench/noise_reduction.py measures the difference on 40 utterances per condition.
-    for kind in ("white", "babble"):
-        assert results["near_field"][kind] <= results["off"][kind] + 0.1, results
-    # far_field trades words in babble for harder suppression of stationary noise (see the bench).
+    # synthesizes slightly different speech, so one borderline clip moves WER by several points
+    # (without the dry-mix floor RNNoise took babble WER from ~0.1 to 0.4-1.2). The measured
+    # difference is in bench/noise_reduction.py: suppression helps in white noise and costs a few
+    # points in babble, whose "noise" is speech itself (the same synthetic voice as the user).
+    assert results["near_field"]["white"] <= results["off"]["white"] + 0.1, results
+    assert results["near_field"]["babble"] <= results["off"]["babble"] + 0.15, results
+    # far_field trades words in babble for harder suppression of stationary noise.
     assert results["far_field"]["white"] <= results["off"]["white"] + 0.1, results

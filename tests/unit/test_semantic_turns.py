@@ -106,9 +106,9 @@ def test_checks_at_each_pause_offset_and_commit_where_the_model_looked():
     assert [e.first for _, e in checks] == [True, False]  # 200 and 500 ms into the pause (640 ms fed)
     assert [e.at_ms - speech_end for _, e in checks] == [224, 512]  # whole frames
     assert all(e.speech_end_ms == speech_end for _, e in checks)
-    # The first check comes before SilenceBegan in the same frame (the model runs before speculation).
+    # The first check comes right after SilenceBegan in the same frame (speculative STT starts first).
     first_frame = [e for i, e in events if i == checks[0][0]]
-    assert isinstance(first_frame[0], TurnCheck) and isinstance(first_frame[1], SilenceBegan)
+    assert isinstance(first_frame[0], SilenceBegan) and isinstance(first_frame[1], TurnCheck)
     # Below the first-check bar: keep waiting; above the re-check bar: the turn ends at that check.
     assert d.decide(checks[0][1], EAGERNESS["medium"].threshold - 0.01) == []
     assert d.decide(checks[1][1], EAGERNESS["medium"].recheck_threshold - 0.01) == []

@@ -225,7 +225,7 @@ class InputAudio:
         elif isinstance(event, TurnCheck):
             await self._check_turn(event)
         elif isinstance(event, SilenceBegan):
-            if self._speech_item_id is None:  # the end-of-turn check just before already committed
+            if self._speech_item_id is None:  # the turn was already committed
                 return
             self._cancel_speculation()
             pcm = self.segment(self._speech_start_ms - self._padding(), event.speech_end_ms)

@@ -118,11 +118,13 @@ class VadTurnDetector:
         if self._quiet_since is None:
             self._quiet_since = frame_start_ms
         quiet_ms = frame_end_ms - self._quiet_since
-        events += self._on_quiet(quiet_ms, frame_end_ms)
         # Speculate once the pause is long enough to be more than a gap between words.
         if not self._speculated and quiet_ms >= min(200.0, self.silence_duration_ms / 2):
             self._speculated = True
             events.append(SilenceBegan(int(self._quiet_since)))
+        # After SilenceBegan: speculative STT starts before an end-of-turn check, so a turn the model
+        # ends at once is already being transcribed.
+        events += self._on_quiet(quiet_ms, frame_end_ms)
         if quiet_ms >= self.silence_duration_ms:
             speech_end = int(self._quiet_since)
             self.reset()

@@ -16,7 +16,6 @@ set: the default (all cores) would fight the LLM, which generates on the other c
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import logging
@@ -35,7 +34,6 @@ logger = logging.getLogger(__name__)
 OPENAI_VOICE_NAMES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
 MIN_SPEED = 0.25
 MAX_SPEED = 4.0
-_END = object()
 
 
 def piper_available() -> bool:
@@ -159,43 +157,17 @@ class PiperTTS:
             yield chunk
 
     async def _run(self, text: str, speed: float) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Any] = asyncio.Queue()
-        cancelled = threading.Event()
         speed = min(MAX_SPEED, max(MIN_SPEED, float(speed or 1.0)))
         length_scale = self._length_scale / speed
 
-        def emit(item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, item)
-            except RuntimeError:  # loop closed: nobody is listening anymore
-                cancelled.set()
+        def skipped() -> None:
+            self.stats["skipped"] += 1
 
-        def job() -> None:
-            if cancelled.is_set():
-                self.stats["skipped"] += 1
-                return
-            try:
-                self._synthesize(text, length_scale, emit, cancelled)
-            except TTSError as exc:
-                emit(exc)
-            except Exception as exc:
-                logger.exception("Speech synthesis failed")
-                emit(TTSError(f"Speech synthesis failed: {exc}"))
-            finally:
-                emit(_END)
-
-        self._worker.submit(job)
-        try:
-            while True:
-                item = await events.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            cancelled.set()
+        async for chunk in self._worker.stream(
+                lambda emit, cancelled: self._synthesize(text, length_scale, emit, cancelled),
+                passthrough=TTSError, failure=lambda exc: TTSError(f"Speech synthesis failed: {exc}"),
+                on_skip=skipped):
+            yield chunk
 
     def _synthesize(self, text: str, length_scale: float, emit: Callable[[Any], None],
                     cancelled: threading.Event) -> None:

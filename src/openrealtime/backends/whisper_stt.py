@@ -16,7 +16,6 @@ models anyway.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import logging
 import threading
@@ -38,7 +37,6 @@ MIN_AUDIO_S = 0.1
 # Temperature fallback is what rescues Whisper from repetition loops on noisy audio, but each step
 # is a full re-decode; two steps bound the worst case to ~3x the normal latency.
 _TEMPERATURES = (0.0, 0.4, 0.8)
-_END = object()
 
 
 def default_model_path() -> Path | None:
@@ -130,41 +128,14 @@ class WhisperSTT:
 
     async def _run(self, pcm16: bytes, language: str | None, prompt: str | None, *, force: bool = False
                    ) -> AsyncIterator[TranscriptDelta | TranscriptDone]:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Any] = asyncio.Queue()
-        cancelled = threading.Event()
+        def skipped() -> None:
+            self.stats["skipped"] += 1
 
-        def emit(item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, item)
-            except RuntimeError:  # loop closed: nobody is listening anymore
-                cancelled.set()
-
-        def job() -> None:
-            if cancelled.is_set():
-                self.stats["skipped"] += 1
-                return
-            try:
-                self._decode(pcm16, language, prompt, emit, cancelled, force)
-            except STTError as exc:
-                emit(exc)
-            except Exception as exc:
-                logger.exception("Transcription failed")
-                emit(STTError(f"Transcription failed: {exc}"))
-            finally:
-                emit(_END)
-
-        self._worker.submit(job)
-        try:
-            while True:
-                item = await events.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            cancelled.set()
+        async for event in self._worker.stream(
+                lambda emit, cancelled: self._decode(pcm16, language, prompt, emit, cancelled, force),
+                passthrough=STTError, failure=lambda exc: STTError(f"Transcription failed: {exc}"),
+                on_skip=skipped):
+            yield event
 
     # --- decoding (worker thread) ---
 

@@ -10,8 +10,10 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+_END = object()
 
 logger = logging.getLogger(__name__)
 
@@ -62,3 +64,54 @@ class WorkerThread:
 
         self.submit(job)
         return await future
+
+    async def stream(
+        self,
+        produce: Callable[[Callable[[Any], None], threading.Event], None],
+        *,
+        passthrough: type[Exception],
+        failure: Callable[[Exception], Exception],
+        on_skip: Callable[[], None] | None = None,
+    ) -> AsyncIterator[Any]:
+        """Run ``produce(emit, cancelled)`` here and yield what it emits, in order, on the loop.
+
+        Leaving the iteration early sets ``cancelled`` (checked by ``produce`` between items) and a
+        job still queued then never runs. ``passthrough`` errors are re-raised as they are; any other
+        error is logged and re-raised as ``failure(exc)``.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:  # loop closed: nobody is listening anymore
+                cancelled.set()
+
+        def job() -> None:
+            if cancelled.is_set():
+                if on_skip is not None:
+                    on_skip()
+                return
+            try:
+                produce(emit, cancelled)
+            except passthrough as exc:
+                emit(exc)
+            except Exception as exc:
+                logger.exception("%s job failed", self._name)
+                emit(failure(exc))
+            finally:
+                emit(_END)
+
+        self.submit(job)
+        try:
+            while True:
+                item = await events.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()

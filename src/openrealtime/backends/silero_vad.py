@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from openrealtime.backends.onnx import OnnxModel
 
 logger = logging.getLogger(__name__)
 
@@ -49,49 +50,24 @@ def default_model_path() -> Path | None:
     return None
 
 
-class SileroVAD:
+class SileroVAD(OnnxModel):
     """The shared Silero model; implements ``VADModel``. Loading is lazy (a few ms) or via warmup()."""
 
     name = "silero-vad-v6"
     sample_rate = SAMPLE_RATE
     frame_ms = FRAME_SAMPLES * 1000 / SAMPLE_RATE
 
+    label = "Silero VAD model"
+
     def __init__(self, path: str | Path | None = None, *, threads: int = 1):
-        resolved = Path(path) if path is not None else default_model_path()
-        if resolved is None:
-            raise RuntimeError(
-                "Silero VAD model not found: install faster-whisper (it ships silero_vad_v6.onnx) "
-                "or pass the path of the ONNX file"
-            )
-        if not resolved.is_file():
-            raise FileNotFoundError(f"Silero VAD model not found at {resolved}")
-        self.path = resolved
-        self.threads = max(1, threads)
-        self._session: Any = None
-        self._load_lock = threading.Lock()
+        super().__init__(path, default_model_path(), threads=threads,
+                         missing_hint="install faster-whisper (it ships silero_vad_v6.onnx) "
+                                      "or pass the path of the ONNX file")
 
-    def load(self) -> Any:
-        """Create the ONNX session once (blocking; call off the event loop when it matters)."""
-        if self._session is None:
-            with self._load_lock:
-                if self._session is None:
-                    import onnxruntime as ort
-
-                    opts = ort.SessionOptions()
-                    opts.intra_op_num_threads = self.threads
-                    opts.inter_op_num_threads = 1
-                    opts.log_severity_level = 3
-                    session = ort.InferenceSession(
-                        str(self.path), sess_options=opts, providers=["CPUExecutionProvider"]
-                    )
-                    names = {i.name for i in session.get_inputs()}
-                    if not {"input", "h", "c"} <= names:
-                        raise RuntimeError(
-                            f"{self.path.name} is not a Silero v6 model with (input, h, c) inputs: {sorted(names)}"
-                        )
-                    self._session = session
-                    logger.info("Loaded Silero VAD from %s", self.path)
-        return self._session
+    def _check(self, session: Any) -> None:
+        names = {i.name for i in session.get_inputs()}
+        if not {"input", "h", "c"} <= names:
+            raise RuntimeError(f"{self.path.name} is not a Silero v6 model with (input, h, c) inputs: {sorted(names)}")
 
     async def warmup(self) -> None:
         """Load the session in a thread so the first session's audio is not delayed."""

@@ -24,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from openrealtime.backends.onnx import OnnxModel
 
 logger = logging.getLogger(__name__)
 
@@ -107,49 +108,26 @@ def log_mel_features(audio: np.ndarray) -> np.ndarray:
     return ((log_spec + 4.0) / 4.0).astype(np.float32)
 
 
-class SmartTurnV3:
+class SmartTurnV3(OnnxModel):
     """Implements ``TurnDetector``: P(the turn is complete) for the audio of a turn so far."""
 
     name = "smart-turn-v3.2"
     sample_rate = SAMPLE_RATE
 
+    label = "smart-turn model"
+
     def __init__(self, path: str | Path | None = None, *, threads: int = 1):
-        resolved = Path(path) if path is not None else default_model_path()
-        if resolved is None:
-            raise RuntimeError(
-                "smart-turn model not found: install it with `pip install --no-deps pipecat-ai==1.14.0` "
-                "(the wheel ships smart-turn-v3.2-cpu.onnx) or pass the path of the ONNX file"
-            )
-        if not resolved.is_file():
-            raise FileNotFoundError(f"smart-turn model not found at {resolved}")
-        self.path = resolved
-        self.threads = max(1, threads)
-        self._session: Any = None
-        self._load_lock = threading.Lock()
+        super().__init__(path, default_model_path(), threads=threads,
+                         missing_hint="install it with `pip install --no-deps pipecat-ai==1.14.0` "
+                                      "(the wheel ships smart-turn-v3.2-cpu.onnx) or pass the path of the ONNX file")
         # Recent prediction latencies (ms, features + inference), for logs and the bench.
         self.latencies_ms: list[float] = []
 
-    def load(self) -> Any:
-        """Create the ONNX session once (blocking; call off the event loop)."""
-        if self._session is None:
-            with self._load_lock:
-                if self._session is None:
-                    import onnxruntime as ort
-
-                    opts = ort.SessionOptions()
-                    opts.intra_op_num_threads = self.threads
-                    opts.inter_op_num_threads = 1
-                    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-                    opts.log_severity_level = 3
-                    session = ort.InferenceSession(str(self.path), sess_options=opts,
-                                                   providers=["CPUExecutionProvider"])
-                    inputs = session.get_inputs()
-                    if [i.name for i in inputs] != ["input_features"] or list(inputs[0].shape[1:]) != [80, 800]:
-                        raise RuntimeError(f"{self.path.name} is not a smart-turn v3 model: "
-                                           f"{[(i.name, i.shape) for i in inputs]}")
-                    self._session = session
-                    logger.info("Loaded smart-turn from %s", self.path)
-        return self._session
+    def _check(self, session: Any) -> None:
+        inputs = session.get_inputs()
+        if [i.name for i in inputs] != ["input_features"] or list(inputs[0].shape[1:]) != [80, 800]:
+            raise RuntimeError(f"{self.path.name} is not a smart-turn v3 model: "
+                               f"{[(i.name, i.shape) for i in inputs]}")
 
     async def warmup(self) -> None:
         """Load the model and run it once, in a thread (the first run allocates its buffers)."""

@@ -26,11 +26,13 @@ class UpstreamFailure(Exception):
     """A remote call failed; ``code`` is one of upstream_unreachable / upstream_rate_limited /
     upstream_error / upstream_timeout / upstream_disconnected."""
 
-    def __init__(self, message: str, code: str, status: int | None = None, body: Any = None):
+    def __init__(self, message: str, code: str, status: int | None = None, body: Any = None,
+                 upstream_code: str | None = None):
         super().__init__(message)
         self.code = code
         self.status = status
         self.body = body
+        self.upstream_code = upstream_code
 
 
 def upstream_error_message(body: Any, text: str) -> tuple[str, str | None]:
@@ -62,11 +64,23 @@ async def read_error(response: httpx.Response, who: str) -> UpstreamFailure:
         parsed: Any = json.loads(text)
     except ValueError:
         parsed = None
-    message, _ = upstream_error_message(parsed, text)
+    message, upstream_code = upstream_error_message(parsed, text)
     status = response.status_code
-    code = "upstream_rate_limited" if status == 429 else "upstream_error"
-    return UpstreamFailure(f"Upstream {who} answered HTTP {status}: {message}", code, status,
-                           parsed if parsed is not None else text[:2000])
+    return UpstreamFailure(f"Upstream {who} answered HTTP {status}: {message}",
+                           classify_status(status, message, upstream_code), status,
+                           parsed if parsed is not None else text[:2000], upstream_code)
+
+
+def classify_status(status: int, message: str, upstream_code: str | None) -> str:
+    """Our error code for an upstream HTTP failure (what clients see in status_details)."""
+    if status == 429:
+        return "upstream_rate_limited"
+    if status in (401, 403):
+        return "upstream_auth_failed"
+    lowered = message.lower()
+    if upstream_code == "context_length_exceeded" or "context length" in lowered or "context window" in lowered:
+        return "context_length_exceeded"
+    return "upstream_error"
 
 
 class RemoteEndpoint:

@@ -45,7 +45,7 @@ from openrealtime.backends.llm import (
     ToolCallDelta,
     Usage,
 )
-from openrealtime.backends.openai_http import upstream_error_message
+from openrealtime.backends.openai_http import read_error, upstream_error_message
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ CHARS_PER_TOKEN = 4
 # Chat-template tokens around each message (role markers, separators).
 TOKENS_PER_MESSAGE = 4
 # Largest error body we read from a failed upstream response.
-_MAX_ERROR_BODY = 64 * 1024
 
 _FINISH_REASONS = {
     "stop": "stop",
@@ -253,32 +252,12 @@ class OpenAICompatLLM:
                                code="upstream_error", details={"provider": self.name}) from exc
 
     async def _status_error(self, response: httpx.Response) -> LLMError:
-        raw = b""
-        async for chunk in response.aiter_bytes():
-            raw += chunk
-            if len(raw) >= _MAX_ERROR_BODY:
-                break
-        text = raw[:_MAX_ERROR_BODY].decode("utf-8", "replace")
-        try:
-            parsed: Any = json.loads(text)
-        except ValueError:
-            parsed = None
-        message, upstream_code = upstream_error_message(parsed, text)
-        status = response.status_code
-        if status == 429:
-            code = "upstream_rate_limited"
-        elif status in (401, 403):
-            code = "upstream_auth_failed"
-        elif upstream_code == "context_length_exceeded" or "context length" in message.lower() or (
-                "context window" in message.lower()):
-            code = "context_length_exceeded"
-        else:
-            code = "upstream_error"
-        details = {"provider": self.name, "status": status, "upstream_code": upstream_code,
-                   "upstream_error": parsed if parsed is not None else text[:2000]}
-        if status == 429 and response.headers.get("retry-after"):
+        failure = await read_error(response, self.name)
+        details = {"provider": self.name, "status": failure.status, "upstream_code": failure.upstream_code,
+                   "upstream_error": failure.body}
+        if failure.status == 429 and response.headers.get("retry-after"):
             details["retry_after"] = response.headers["retry-after"]
-        return LLMError(f"Upstream {self.name} answered HTTP {status}: {message}", code=code, details=details)
+        return LLMError(str(failure), code=failure.code, details=details)
 
     async def _events(self, response: httpx.Response, messages: list[ChatMessage]) -> AsyncIterator[LLMEvent]:
         """Parse the SSE stream; every event the engine sees ends with exactly one ``Finished``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -10,9 +11,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from openai import AsyncOpenAI
 from openai.types.realtime import RealtimeServerEvent
 from pydantic import TypeAdapter
 
@@ -24,6 +27,25 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 def assert_valid_server_event(event: dict) -> None:
     """Every event we emit must validate strictly against the official SDK's types."""
     _SERVER_EVENT.validate_python(event, strict=True)
+
+
+def client(server: Server, key: str | None = None) -> AsyncOpenAI:
+    """The official SDK pointed at our server (HTTP and WebSocket)."""
+    return AsyncOpenAI(api_key=key or server.api_key, base_url=f"{server.base_url}/v1",
+                       websocket_base_url=f"{server.ws_url}/v1")
+
+
+async def collect(conn: Any, until: str, timeout: float = 90) -> list[dict]:
+    """Validated server events (as dicts) up to and including the first of type `until`."""
+    out: list[dict] = []
+    async with asyncio.timeout(timeout):
+        async for event in conn:
+            data = event.to_dict()
+            assert_valid_server_event(data)
+            out.append(data)
+            if data["type"] == until:
+                return out
+    raise AssertionError(f"connection ended before {until}")
 
 
 def free_port() -> int:

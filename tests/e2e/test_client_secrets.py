@@ -16,8 +16,7 @@ import pytest
 import websockets
 from openai import AsyncOpenAI
 
-from .conftest import Server
-from .test_websocket import collect
+from .conftest import Server, collect
 from .webrtc_client import LOCATION, Peer, answer_of, hangup, http, open_call
 
 pytestmark = pytest.mark.e2e

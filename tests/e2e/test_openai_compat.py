@@ -10,7 +10,6 @@ import wave
 import httpx
 import openai
 import pytest
-from openai import AsyncOpenAI
 
 from openrealtime.audio.transcode import decode_audio
 from openrealtime.backends.openai_stt import OpenAICompatSTT
@@ -18,15 +17,11 @@ from openrealtime.backends.openai_tts import OpenAICompatTTS
 from openrealtime.backends.speech import STTError, TranscriptDone, TTSError
 from tests.audio_fixtures import speak, speech_available
 
-from .conftest import Server, free_port
+from .conftest import Server, client, free_port
 
 pytestmark = pytest.mark.e2e
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
-
-
-def client(server: Server, key: str | None = None) -> AsyncOpenAI:
-    return AsyncOpenAI(api_key=key or server.api_key, base_url=f"{server.base_url}/v1", max_retries=0)
 
 
 def words(text: str) -> set[str]:
@@ -251,5 +246,5 @@ async def test_remote_stt_and_tts_backends_against_our_own_endpoints(server: Ser
     with pytest.raises(STTError) as stt_error:
         async for _ in wrong_key.transcribe(bytes(3200)):
             pass
-    assert stt_error.value.code == "upstream_error" and "401" in str(stt_error.value)
+    assert stt_error.value.code == "upstream_auth_failed" and "401" in str(stt_error.value)
     await wrong_key.close()

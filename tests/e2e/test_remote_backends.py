@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 import websockets
-from openai import AsyncOpenAI
 
 from openrealtime.backends.llm import (
     ChatMessage,
@@ -37,7 +36,7 @@ from openrealtime.backends.llm import (
 from openrealtime.backends.openai_llm import OpenAICompatLLM
 from tests.audio_fixtures import speak, speech_available
 
-from .conftest import Server, assert_valid_server_event, free_port, start_server, stop_server
+from .conftest import Server, client, collect, free_port, start_server, stop_server
 from .llama_upstream import MODEL_ALIAS, UPSTREAM_KEY, LlamaUpstream, require_llama_server, smollm2_path
 
 pytestmark = pytest.mark.e2e
@@ -76,23 +75,6 @@ def remote_server(upstream: LlamaUpstream, server: Server) -> Iterator[Server]:
     text = srv.log_text()
     assert "Traceback" not in text, text[-4000:]
     assert "Task was destroyed" not in text, text[-4000:]
-
-
-def client(server: Server) -> AsyncOpenAI:
-    return AsyncOpenAI(api_key=server.api_key, base_url=f"{server.base_url}/v1",
-                       websocket_base_url=f"{server.ws_url}/v1")
-
-
-async def collect(conn: Any, until: str, timeout: float = 90) -> list[dict]:
-    out: list[dict] = []
-    async with asyncio.timeout(timeout):
-        async for event in conn:
-            data = event.to_dict()
-            assert_valid_server_event(data)
-            out.append(data)
-            if data["type"] == until:
-                return out
-    raise AssertionError(f"connection ended before {until}")
 
 
 async def ask(conn: Any, text: str, max_tokens: int = 30) -> list[dict]:

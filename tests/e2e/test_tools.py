@@ -14,8 +14,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from .conftest import Server, start_server, stop_server
-from .test_websocket import client, collect
+from .conftest import Server, client, collect, start_server, stop_server
 from .webrtc_client import hangup, open_call
 
 pytestmark = pytest.mark.e2e

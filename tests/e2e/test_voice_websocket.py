@@ -9,11 +9,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from openai import AsyncOpenAI
 
 from tests.audio_fixtures import silence, speak
 
-from .conftest import Server, assert_valid_server_event
+from .conftest import Server, assert_valid_server_event, client
 
 pytestmark = pytest.mark.e2e
 RATE = 24_000
@@ -77,11 +76,6 @@ class Recorder:
 
     def types(self, after: int = 0) -> list[str]:
         return [e["type"] for e in self.events[after:]]
-
-
-def client(server: Server) -> AsyncOpenAI:
-    return AsyncOpenAI(api_key=server.api_key, base_url=f"{server.base_url}/v1",
-                       websocket_base_url=f"{server.ws_url}/v1")
 
 
 async def test_spoken_question_gets_a_spoken_answer(server: Server):

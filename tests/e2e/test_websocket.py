@@ -2,36 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from typing import Any
 
 import httpx
 import pytest
 import websockets
-from openai import AsyncOpenAI
 
-from .conftest import Server, assert_valid_server_event
+from .conftest import Server, client, collect
 
 pytestmark = pytest.mark.e2e
-
-
-def client(server: Server, key: str | None = None) -> AsyncOpenAI:
-    return AsyncOpenAI(api_key=key or server.api_key, base_url=f"{server.base_url}/v1",
-                       websocket_base_url=f"{server.ws_url}/v1")
-
-
-async def collect(conn: Any, until: str, timeout: float = 60) -> list[dict]:
-    """Raw server events (as dicts) up to and including the first of type `until`."""
-    out: list[dict] = []
-    async with asyncio.timeout(timeout):
-        async for event in conn:
-            data = event.to_dict()
-            assert_valid_server_event(data)
-            out.append(data)
-            if data["type"] == until:
-                return out
-    raise AssertionError(f"connection ended before {until}")
 
 
 async def test_text_turn_with_the_openai_sdk(server: Server):

@@ -13,9 +13,9 @@ import pytest
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from openrealtime.audio.output import AudioOutput, Cleared
 from openrealtime.audio.player import FRAME_SAMPLES, RATE, PacedAudioTrack
 from openrealtime.config import IceConfig, Settings
-from openrealtime.engine.audio_io import AudioOutput, Cleared
 from openrealtime.transports.webrtc import CallManager, frame_to_mono_pcm16
 
 from .test_webrtc_unit import ScriptedSession, _ctx, _stock_client_fallback

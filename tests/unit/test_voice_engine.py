@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
+from openrealtime.audio.output import Cleared
 from openrealtime.backends.speech import TranscriptDelta, TranscriptDone, Voice
 from openrealtime.engine import EngineContext, RealtimeSession
-from openrealtime.engine.audio_io import Cleared
 from openrealtime.engine.turns import SilenceBegan, SpeechResumed, SpeechStarted, SpeechStopped, VadTurnDetector
 
 from .test_engine import ScriptedLLM, drain, send, user_text

@@ -21,7 +21,7 @@ import soxr
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-from ..engine.audio_io import OUTPUT_RATE, Cleared, PlaybackListener
+from .output import OUTPUT_RATE, Cleared, PlaybackListener
 
 log = logging.getLogger("openrealtime.player")
 

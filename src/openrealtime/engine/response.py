@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..audio.codecs import encode_from_pcm16
+from ..audio.output import OUTPUT_RATE
 from ..audio.resample import StreamResampler
 from ..backends.llm import (
     ChatMessage,
@@ -30,7 +31,6 @@ from ..protocol import events as ev
 from ..protocol.errors import ProtocolError
 from ..protocol.events import ItemReference, ResponseConfig, new_id
 from ..protocol.items import ContentPart, Item
-from .audio_io import OUTPUT_RATE
 from .clauses import ClauseSplitter, speakable
 from .truncation import ContextOverflow, reply_reserve
 

@@ -18,13 +18,13 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from ..audio.codecs import decode_to_pcm16, encode_from_pcm16
+from ..audio.output import OUTPUT_RATE, AudioOutput
 from ..audio.resample import resample
 from ..protocol import events as ev
 from ..protocol.errors import ProtocolError, from_validation_error
 from ..protocol.events import CLIENT_EVENT_MODELS, CLIENT_EVENT_TYPES, new_id
 from ..protocol.items import ContentPart, Item
 from ..protocol.session import READ_ONLY_FIELDS, SessionConfig, deep_merge
-from .audio_io import OUTPUT_RATE, AudioOutput
 from .context import EngineContext
 from .conversation import Conversation
 from .input import RATE as INPUT_RATE

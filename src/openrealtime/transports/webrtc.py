@@ -44,10 +44,10 @@ from aiortc import sdp as aiortc_sdp
 from aiortc.exceptions import InternalError, InvalidAccessError, InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamError
 
+from ..audio.output import AudioOutput
 from ..audio.player import PacedAudioTrack
 from ..config import IceConfig, Settings
 from ..engine import EngineContext, InvalidSessionConfig, RealtimeSession
-from ..engine.audio_io import AudioOutput
 
 log = logging.getLogger("openrealtime.webrtc")
 

@@ -388,7 +388,7 @@ class _FakeBackend:
         await asyncio.sleep(0.05)
         yield Finished("stop")
 
-    async def count_tokens(self, messages) -> int:
+    async def count_tokens(self, messages, tools=None) -> int:
         return 1
 
     async def close(self) -> None:

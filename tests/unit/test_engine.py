@@ -44,7 +44,7 @@ class ScriptedLLM:
             yield TextDelta(word)
         yield Finished("stop", Usage(10, n, 3))
 
-    async def count_tokens(self, messages: list[ChatMessage]) -> int:
+    async def count_tokens(self, messages: list[ChatMessage], tools: object = None) -> int:
         return 10
 
     async def close(self) -> None:

@@ -67,7 +67,7 @@ class ToolLLM:
             yield event
         yield Finished(reason, Usage(await self.count_tokens(messages), n, 0))  # type: ignore[arg-type]
 
-    async def count_tokens(self, messages: list[ChatMessage]) -> int:
+    async def count_tokens(self, messages: list[ChatMessage], tools: object = None) -> int:
         """One token per word, plus 2 per message (a stand-in tokenizer and template)."""
         total = 0
         for m in messages:

@@ -590,15 +590,15 @@ class LlamaCppBackend:
         finally:
             req.cancelled.set()
 
-    async def count_tokens(self, messages: list[ChatMessage]) -> int:
+    async def count_tokens(self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None) -> int:
         """Prompt size for context management; tokenizes in a thread, not behind queued generations."""
-        return await asyncio.to_thread(self._count_tokens_sync, list(messages))
+        return await asyncio.to_thread(self._count_tokens_sync, list(messages), tools)
 
-    def _count_tokens_sync(self, messages: list[ChatMessage]) -> int:
+    def _count_tokens_sync(self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None) -> int:
         with self._model_lock:
             if self._model is None:
                 raise LLMError("The model is closed", code="model_closed")
-            return len(self._prompt_tokens(messages))
+            return len(self._prompt_tokens(messages, tools))
 
     async def close(self) -> None:
         """Free the model; the running and queued generations end with LLMError(code="model_closed")."""

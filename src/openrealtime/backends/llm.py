@@ -15,6 +15,14 @@ class ToolSpec:
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
+    def openai_schema(self) -> dict[str, Any]:
+        """The chat-completions shape (what OpenAI-compatible servers and chat templates expect)."""
+        function: dict[str, Any] = {"name": self.name}
+        if self.description:
+            function["description"] = self.description
+        function["parameters"] = self.parameters or {"type": "object", "properties": {}}
+        return {"type": "function", "function": function}
+
 
 @dataclass(slots=True)
 class ToolCall:
@@ -108,6 +116,8 @@ class LLMBackend(Protocol):
 
     def stream(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[LLMEvent]: ...
 
-    async def count_tokens(self, messages: list[ChatMessage]) -> int: ...
+    async def count_tokens(self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None) -> int:
+        """Prompt size of `messages` with `tools` offered, as this backend would render them."""
+        ...
 
     async def close(self) -> None: ...

@@ -43,6 +43,7 @@ from openrealtime.backends.llm import (
     LLMEvent,
     TextDelta,
     ToolCallDelta,
+    ToolSpec,
     Usage,
 )
 from openrealtime.backends.openai_http import read_error, upstream_error_message
@@ -85,13 +86,7 @@ def tools_to_openai(params: GenerationParams) -> dict[str, Any]:
     """``tools`` and ``tool_choice`` request fields (nothing when no tools are offered)."""
     if not params.tools:
         return {}
-    tools = []
-    for spec in params.tools:
-        function: dict[str, Any] = {"name": spec.name}
-        if spec.description:
-            function["description"] = spec.description
-        function["parameters"] = spec.parameters or {"type": "object", "properties": {}}
-        tools.append({"type": "function", "function": function})
+    tools = [spec.openai_schema() for spec in params.tools]
     choice: Any = params.tool_choice or "auto"
     if choice not in ("auto", "none", "required"):
         choice = {"type": "function", "function": {"name": choice}}
@@ -342,9 +337,9 @@ class OpenAICompatLLM:
             usage = Usage(prompt_tokens=await self.count_tokens(messages), completion_tokens=chunks)
         yield Finished(finish_reason=reason, usage=usage)  # type: ignore[arg-type]
 
-    async def count_tokens(self, messages: list[ChatMessage]) -> int:
+    async def count_tokens(self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None) -> int:
         """Estimated prompt size: ~4 characters per token plus per-message overhead (no tokenizer)."""
-        total = 0
+        total = sum(len(json.dumps(t.openai_schema())) for t in tools or []) // CHARS_PER_TOKEN
         for m in messages:
             chars = len(m.content or "")
             for call in m.tool_calls or []:

@@ -35,7 +35,7 @@ from openrealtime.backends.gguf import (
     is_model_path,
     known_models,
 )
-from openrealtime.backends.llm import ChatMessage, GenerationParams, LLMBackend, LLMError, LLMEvent
+from openrealtime.backends.llm import ChatMessage, GenerationParams, LLMBackend, LLMError, LLMEvent, ToolSpec
 from openrealtime.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -88,12 +88,12 @@ class ModelHandle:
         finally:
             self._registry._release(slot)
 
-    async def count_tokens(self, messages: list[ChatMessage]) -> int:
+    async def count_tokens(self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None) -> int:
         """Prompt size under this model's tokenizer and chat template."""
         slot = await self._registry._acquire(self)
         try:
             assert slot.backend is not None
-            return await slot.backend.count_tokens(messages)
+            return await slot.backend.count_tokens(messages, tools)
         finally:
             self._registry._release(slot)
 

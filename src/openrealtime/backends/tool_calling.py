@@ -88,11 +88,7 @@ def new_call_id() -> str:
 
 def tool_schema(tool: ToolSpec) -> dict[str, Any]:
     """A tool in the chat-completions shape chat templates expect."""
-    function: dict[str, Any] = {"name": tool.name}
-    if tool.description:
-        function["description"] = tool.description
-    function["parameters"] = tool.parameters or {"type": "object", "properties": {}}
-    return {"type": "function", "function": function}
+    return tool.openai_schema()
 
 
 def generic_tools_prompt(tools: Sequence[ToolSpec]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -268,10 +269,10 @@ class ResponseRun:
         window = self.session.context_window
         tools = self._tools() if self.spec.tool_choice != "none" else []
         fitted = await window.fit(
-            self._source, build=self._messages, count=llm.count_tokens, context_length=context_length,
+            self._source, build=self._messages, count=functools.partial(llm.count_tokens, tools=tools or None),
+            context_length=context_length,
             reserve=reply_reserve(self.spec.max_output_tokens, context_length),
             truncation=self.session.config.truncation,
-            extra_tokens=await window.tools_tokens(tools, llm.count_tokens),
             persist=self.spec.in_conversation and self.spec.input is None,
         )
         if fitted.dropped:

@@ -16,13 +16,11 @@ starting at the same place. A function call's outputs go with it.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends.llm import ChatMessage, ToolSpec
-from ..backends.tool_calling import generic_tools_prompt, tool_schema
+from ..backends.llm import ChatMessage
 from ..protocol.items import Item
 
 Build = Callable[[Sequence[Item]], list[ChatMessage]]
@@ -77,28 +75,12 @@ class ContextWindow:
     def __init__(self) -> None:
         self.dropped: set[str] = set()
         self._sizes: dict[tuple[str, str], int] = {}
-        self._tools: dict[str, int] = {}
-
-    async def tools_tokens(self, tools: Sequence[ToolSpec], count: Count) -> int:
-        """About how many prompt tokens the tool definitions take (the protocol's count_tokens does not
-        see tools): the generic tools section measured as a system message, cached per tool set."""
-        if not tools:
-            return 0
-        key = json.dumps([tool_schema(t) for t in tools], sort_keys=True)
-        n = self._tools.get(key)
-        if n is None:
-            with_tools = await count([ChatMessage(role="system", content=generic_tools_prompt(tools))])
-            n = max(0, with_tools - await count([ChatMessage(role="system", content="")]))
-            if len(self._tools) > 16:
-                self._tools.clear()
-            self._tools[key] = n
-        return n
 
     async def fit(self, items: Sequence[Item], *, build: Build, count: Count, context_length: int,
                   reserve: int, truncation: Any, extra_tokens: int = 0, persist: bool = True) -> Fitted:
         """The messages for a prompt over `items`, after truncation.
 
-        `extra_tokens`: prompt tokens `count` does not see (tool definitions). `persist`: remember
+        `count` sees the tools the response offers, so `extra_tokens` is for anything else. `persist`: remember
         what was left out for the next prompts (the default conversation; not out-of-band input).
         """
         count = _nonempty(count)

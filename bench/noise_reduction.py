@@ -1,16 +1,19 @@
 """Noise reduction before and after: false turns on noise, WER on noisy speech, CPU per audio second.
 
-For every suppressor setting (off, WebRTC near/far field, RNNoise near/far field) this measures,
-with the server's own models (Silero VAD + the server_vad turn logic at its defaults, Whisper
-tiny.en through the WhisperSTT backend):
+For every setting (off; WebRTC and RNNoise at near/far field; near_field with the server's level
+gate, and RNNoise near_field without it to show what the suppressor alone does) this measures,
+with the server's own models (Silero VAD -> near-field gate -> server_vad turn logic at its
+defaults, Whisper tiny.en through the WhisperSTT backend):
 
-- false speech_started: 30 s of noise alone (white noise, and babble of 8 synthesized talkers) at
-  the level it has in the noisy-speech mixes below, fed through suppressor -> VAD -> turn logic,
-  at the default VAD threshold 0.5 and at a sensitive 0.3 (plus the share of frames VAD calls speech);
+- false starts: 30 s of noise alone (white noise, and babble of 8 synthesized talkers) at the
+  level it has in the noisy-speech mixes below: speech_started events, and the seconds spent inside
+  a turn (babble that VAD hears as speech makes one turn that never ends);
 - WER: questions spoken by Piper, mixed with that noise at 10 dB and 5 dB SNR (noise starts 1 s
   before the speech, as a microphone's would), suppressed as a stream, cut like a server_vad commit
-  (300 ms before the speech to 500 ms after) and transcribed; clean speech is the reference row;
-- turns: fraction of noisy utterances that server_vad turned into exactly one started+stopped turn;
+  (300 ms before the speech to 500 ms after) and transcribed (the noise goes on 1.5 s after the
+  speech); clean speech is the reference row;
+- turns ok: the share of noisy utterances that became exactly one turn, ended while the noise went on
+  (VAD alone takes babble for more speech, so the turn only ends where the noise does);
 - SI-SDR gain: scale-invariant signal-to-distortion ratio of the output against the clean speech,
   minus that of the unprocessed mix (dB; the usual "how much cleaner" measure, after aligning delays);
 - CPU: process time per second of audio, in 100 ms chunks as a session would feed it.
@@ -37,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from openrealtime.backends.noise import RNNoiseSuppressor, WebRtcNoiseSuppressor  # noqa: E402
 from openrealtime.backends.silero_vad import SileroVAD  # noqa: E402
 from openrealtime.backends.whisper_stt import WhisperSTT  # noqa: E402
+from openrealtime.engine.gate import NearFieldGate  # noqa: E402
 from openrealtime.engine.turns import SpeechStarted, SpeechStopped, VadTurnDetector  # noqa: E402
 from tests import noise_fixtures as nf  # noqa: E402
 from tests.audio_fixtures import speak  # noqa: E402
@@ -64,15 +68,21 @@ SENTENCES = [
     "Play some relaxing music in the living room.",
     "How many people live in New York City?",
 ]
-SETTINGS: list[tuple[str, str | None]] = [("off", None), ("webrtc", "near_field"), ("webrtc", "far_field"),
-                                          ("rnnoise", "near_field"), ("rnnoise", "far_field")]
+# (suppressor, noise_reduction type, near-field level gate). The server applies the gate with every
+# near_field session; the "rnnoise/near, no gate" row isolates what the suppressor alone does.
+SETTINGS: list[tuple[str, str | None, bool]] = [
+    ("off", None, False), ("webrtc", "near_field", True), ("webrtc", "far_field", False),
+    ("rnnoise", "near_field", False), ("rnnoise", "near_field", True), ("rnnoise", "far_field", False)]
 NOISES = ["white", "babble"]
 SNRS = [10, 5]
 CHUNK = RATE // 10  # 100 ms
 
 
-def label(impl: str, kind: str | None) -> str:
-    return "off" if kind is None else f"{impl}/{kind.split('_')[0]}"
+def label(impl: str, kind: str | None, gate: bool) -> str:
+    if kind is None:
+        return "off"
+    name = f"{impl}/{kind.split('_')[0]}"
+    return name if gate or kind != "near_field" else f"{name}, no gate"
 
 
 def make_stream(impl: str, kind: str | None) -> Any:
@@ -92,17 +102,28 @@ def suppress(impl: str, kind: str | None, pcm: bytes) -> tuple[bytes, float]:
     return b"".join(out), time.process_time() - t0
 
 
-async def turns(vad: SileroVAD, pcm: bytes, threshold: float = 0.5) -> tuple[int, int, float]:
-    """(speech_started, speech_stopped, share of speech frames) under server_vad defaults."""
+async def turns(vad: SileroVAD, pcm: bytes, gate: bool, threshold: float = 0.5) -> tuple[int, int, float]:
+    """(speech_started, turns ended while ``pcm`` still played, seconds inside turns) under server_vad
+    defaults, as the server runs it: VAD probabilities, through the near-field gate when ``gate``,
+    into the turn logic. Quiet follows ``pcm`` so the state at its end is known."""
     stream = vad.new_stream()
     detector = VadTurnDetector(threshold, 500, vad.frame_ms)
+    level_gate = NearFieldGate(vad.frame_ms) if gate else None
+    audio = pcm + bytes(2 * RATE)  # quiet at the end closes a turn
+    x = nf.to_float(audio).astype(np.float64)
+    frame = int(vad.frame_ms * RATE / 1000)
     started = stopped = 0
-    probs = await stream.process(pcm + bytes(RATE))  # 0.5 s of quiet closes a turn
+    in_turn_frames = 0
+    probs = await stream.process(audio)
     for i, prob in enumerate(probs):
+        if level_gate is not None:
+            seg = x[i * frame:(i + 1) * frame]
+            prob = level_gate.feed(prob, float(np.mean(seg * seg)), detector.in_speech)
+        in_turn_frames += detector.in_speech and i * frame < len(pcm) // 2
         for event in detector.feed(prob, i * vad.frame_ms):
             started += isinstance(event, SpeechStarted)
-            stopped += isinstance(event, SpeechStopped)
-    return started, stopped, float(np.mean(np.asarray(probs) >= threshold)) if probs else 0.0
+            stopped += isinstance(event, SpeechStopped) and event.end_ms <= len(pcm) / 2 / RATE * 1000
+    return started, stopped, in_turn_frames * vad.frame_ms / 1000
 
 
 def si_sdr(clean: np.ndarray, out: np.ndarray, max_delay: int = 1600) -> float:
@@ -129,29 +150,36 @@ async def run(n_sentences: int, noise_s: int) -> dict[str, Any]:
     refs = SENTENCES[:n_sentences]
     speech = [nf.to_float(speak(s, RATE)) for s in refs]
     speech_rms = float(np.median([nf.active_rms(s) for s in speech]))
-    lead, tail = RATE, int(0.7 * RATE)
-    results: dict[str, Any] = {"false_starts": {}, "false_starts_sensitive": {}, "noise_speech_share": {},
-                               "wer": {}, "turn_ok": {}, "si_sdr_gain_db": {}, "cpu_per_audio_s": {}}
-    cpu: dict[str, list[float]] = {}
-    audio_s: dict[str, float] = {}
+    lead, tail = RATE, int(1.5 * RATE)
+    results: dict[str, Any] = {"false_starts": {}, "false_turn_s": {}, "wer": {}, "turn_ok": {},
+                               "si_sdr_gain_db": {}, "cpu_per_audio_s": {}}
+    # Suppressed audio and transcripts depend on the suppressor only, not on the gate.
+    cache: dict[tuple[str, str | None, str], tuple[bytes, float]] = {}
+    hyps_cache: dict[tuple[str, str | None, str], list[str]] = {}
 
-    for impl, kind in SETTINGS:
-        name = label(impl, kind)
+    def suppressed(impl: str, kind: str | None, key: str, pcm: bytes) -> tuple[bytes, float]:
+        if (impl, kind, key) not in cache:
+            cache[(impl, kind, key)] = suppress(impl, kind, pcm)
+        return cache[(impl, kind, key)]
+
+    for impl, kind, gate in SETTINGS:
+        name = label(impl, kind, gate)
         print(f"[{name}]", flush=True)
+        cpu = 0.0
         for noise_kind in NOISES:
             unit = nf.noise(noise_kind, noise_s * RATE, seed=7)
             for snr in SNRS:
-                pcm = nf.to_pcm16(nf.scaled(unit, speech_rms, snr))
-                out, secs = suppress(impl, kind, pcm)
-                cpu.setdefault(name, []).append(secs)
-                audio_s[name] = audio_s.get(name, 0.0) + noise_s
+                out, secs = suppressed(impl, kind, f"{noise_kind}{snr}", nf.to_pcm16(nf.scaled(unit, speech_rms, snr)))
+                cpu += secs
                 key = f"{name}|{noise_kind}|{snr}"
-                started, _, share = await turns(vad, out)
+                started, _, in_turn = await turns(vad, out, gate)
                 results["false_starts"][key] = started
-                results["noise_speech_share"][key] = share
-                results["false_starts_sensitive"][key] = (await turns(vad, out, 0.3))[0]
+                results["false_turn_s"][key] = in_turn
+        results["cpu_per_audio_s"][name] = cpu / (noise_s * len(NOISES) * len(SNRS))
         for noise_kind in [None, *NOISES]:
             for snr in ([None] if noise_kind is None else SNRS):
+                cond = f"{noise_kind or 'clean'}|{snr if snr is not None else '-'}"
+                key = f"{name}|{cond}"
                 hyps, ok, gains = [], 0, []
                 for idx, s in enumerate(speech):
                     n = lead + s.size + tail
@@ -160,25 +188,24 @@ async def run(n_sentences: int, noise_s: int) -> dict[str, Any]:
                         mixed[lead:lead + s.size] = s
                     else:
                         mixed = nf.mix(s, nf.noise(noise_kind, n, seed=100 + idx), snr, lead)
-                    out, _ = suppress(impl, kind, nf.to_pcm16(mixed))
-                    a = (lead - int(0.3 * RATE)) * 2
-                    b = (lead + s.size + RATE // 2) * 2
-                    hyps.append(await transcribe(stt, out[a:b]))
-                    ok += (await turns(vad, out))[:2] == (1, 1)
+                    out, _ = suppressed(impl, kind, f"{cond}|{idx}", nf.to_pcm16(mixed))
+                    if (impl, kind, f"{cond}|{idx}") not in hyps_cache:
+                        a = (lead - int(0.3 * RATE)) * 2
+                        b = (lead + s.size + RATE // 2) * 2
+                        hyps_cache[(impl, kind, f"{cond}|{idx}")] = [await transcribe(stt, out[a:b])]
+                    hyps += hyps_cache[(impl, kind, f"{cond}|{idx}")]
+                    ok += (await turns(vad, out, gate))[:2] == (1, 1)
                     if noise_kind is not None:
                         clean = np.zeros(n, np.float32)
                         clean[lead:lead + s.size] = s
                         window = slice(lead - RATE // 4, n)
                         gains.append(si_sdr(clean[window], nf.to_float(out)[window])
                                      - si_sdr(clean[window], mixed[window]))
-                key = f"{name}|{noise_kind or 'clean'}|{snr if snr is not None else '-'}"
                 results["wer"][key] = nf.wer(refs, hyps)
                 results["turn_ok"][key] = ok / len(speech)
                 if gains:
                     results["si_sdr_gain_db"][key] = float(np.mean(gains))
                 results.setdefault("transcripts", {})[key] = hyps
-        if cpu.get(name):
-            results["cpu_per_audio_s"][name] = sum(cpu[name]) / audio_s[name]
     await stt.close() if hasattr(stt, "close") else None
     return results
 
@@ -189,27 +216,26 @@ def main() -> None:
     parser.add_argument("--noise-seconds", type=int, default=30)
     args = parser.parse_args()
     res = asyncio.run(run(args.sentences, args.noise_seconds))
-    names = [label(i, k) for i, k in SETTINGS]
-    conds = [(n, s) for n in NOISES for s in SNRS]
-    print(f"\nnoise reduction, {args.sentences} sentences, {args.noise_seconds} s of noise per condition, "
-          f"{os.cpu_count()} CPU cores (server_vad defaults, Whisper tiny.en)")
-    print("\nWER (Whisper tiny.en) on speech with noise at the SNR; CPU = suppressor time per audio second")
-    print(" | ".join(["setting", "cpu ms/s", "WER clean"] + [f"WER {n} {s}dB" for n, s in conds]))
-    for name in names:
-        row = [name, f"{res['cpu_per_audio_s'].get(name, 0.0) * 1000:.1f}", f"{res['wer'][f'{name}|clean|-']:.3f}"]
-        row += [f"{res['wer'][f'{name}|{n}|{s}']:.3f}" for n, s in conds]
-        print(" | ".join(row))
-    print("\nnoise alone: false speech_started at VAD threshold 0.5 (0.3) [share of frames VAD calls speech];"
-          " SI-SDR gain on the noisy speech, dB")
-    print(" | ".join(["setting"] + [f"noise {n} {s}dB" for n, s in conds] + [f"SI-SDR {n} {s}dB" for n, s in conds]))
-    for name in names:
-        row = [name] + [f"{res['false_starts'][k]} ({res['false_starts_sensitive'][k]}) "
-                        f"[{res['noise_speech_share'][k]:.2f}]" for k in (f"{name}|{n}|{s}" for n, s in conds)]
-        row += [f"{res['si_sdr_gain_db'].get(f'{name}|{n}|{s}', 0.0):+.1f}" for n, s in conds]
-        print(" | ".join(row))
-    print("\nturns ok (exactly one speech_started + speech_stopped per noisy utterance):")
-    for name in names:
-        print(f"  {name:14}" + "  ".join(f"{n} {s}dB: {res['turn_ok'][f'{name}|{n}|{s}']:.2f}" for n, s in conds))
+    print(f"\nnoise reduction: {args.sentences} sentences, {args.noise_seconds} s of noise alone per condition, "
+          f"server_vad defaults, Whisper tiny.en, {os.cpu_count()} CPU cores")
+    print("false starts / false turn s: speech_started events and seconds inside turns on the noise alone; "
+          "turns ok: noisy utterances that became exactly one turn; CPU: suppressor ms per audio second\n")
+    header = ["setting", "noise", "false starts", "false turn s", "turns ok", "WER", "SI-SDR gain dB", "CPU ms/s"]
+    rows = []
+    for impl, kind, gate in SETTINGS:
+        name = label(impl, kind, gate)
+        for cond in ["clean|-"] + [f"{n}|{snr}" for n in NOISES for snr in SNRS]:
+            key = f"{name}|{cond}"
+            noisy = cond != "clean|-"
+            rows.append([name, "clean" if not noisy else cond.replace("|", " ") + " dB",
+                         str(res["false_starts"][key]) if noisy else "-",
+                         f"{res['false_turn_s'][key]:.1f}" if noisy else "-",
+                         f"{res['turn_ok'][key]:.2f}", f"{res['wer'][key]:.3f}",
+                         f"{res['si_sdr_gain_db'][key]:+.1f}" if noisy and kind else "-",
+                         f"{res['cpu_per_audio_s'][name] * 1000:.1f}" if not noisy and kind else ""])
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, ["-" * w for w in widths], *rows]:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"noise_reduction-{time.strftime('%Y%m%d-%H%M%S')}.json"

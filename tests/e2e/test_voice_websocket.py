@@ -116,7 +116,9 @@ async def test_barge_in_and_client_truncation(server: Server):
     async with client(server).realtime.connect(model="gpt-realtime") as conn:
         rec = Recorder(conn)
         await rec.wait_for("session.created")
-        await conn.session.update(session={**VOICE_SESSION, "instructions": "Tell a long story about a cat."})  # type: ignore[arg-type]
+        # A cap keeps the story (and the answer after it) from running to the end of the context.
+        story = {**VOICE_SESSION, "instructions": "Tell a long story about a cat.", "max_output_tokens": 200}
+        await conn.session.update(session=story)  # type: ignore[arg-type]
         await rec.wait_for("session.updated")
         await send_audio(conn, silence(300, RATE) + speak("Please tell me a long story.", RATE) + silence(700, RATE))
         await rec.wait_for("response.output_audio.delta")
@@ -127,7 +129,7 @@ async def test_barge_in_and_client_truncation(server: Server):
         first = next(e for e in rec.events if e["type"] == "response.created")["response"]["id"]
         first_done = await rec.wait_for("response.done")
         assert first_done["response"]["id"] == first
-        assert first_done["response"]["status"] in ("cancelled", "completed")
+        assert first_done["response"]["status"] in ("cancelled", "completed", "incomplete")
         if first_done["response"]["status"] == "cancelled":
             assert first_done["response"]["status_details"]["reason"] == "turn_detected"
         item_id = first_done["response"]["output"][0]["id"]
@@ -146,5 +148,9 @@ async def test_barge_in_and_client_truncation(server: Server):
                 second = next((e for e in rec.events[mark:] if e["type"] == "response.done"), None)
                 await asyncio.sleep(0.05)
         rec.task.cancel()
-    assert second["response"]["status"] == "completed"
+    # A small model may keep telling the story until the cap: that is still a normal answer.
+    status = second["response"]["status"]
+    assert status == "completed" or (
+        status == "incomplete" and second["response"]["status_details"]["reason"] == "max_output_tokens"), second
+    assert second["response"]["output"][0]["content"][0]["transcript"].strip()
     assert "conversation.item.input_audio_transcription.completed" in rec.types(mark)

@@ -136,7 +136,7 @@ async def test_barge_in_cuts_the_spoken_reply(server: Server):
         cleared = events[index(types, "output_audio_buffer.cleared")]
         assert cleared["response_id"] == response_id
         [done] = [e for e in events if e["type"] == "response.done" and e["response"]["id"] == response_id]
-        assert done["response"]["status"] in ("cancelled", "completed"), done
+        assert done["response"]["status"] in ("cancelled", "completed", "incomplete"), done
         if done["response"]["status"] == "cancelled":
             assert done["response"]["status_details"]["reason"] == "turn_detected"
         [item] = [o for o in done["response"]["output"] if o["type"] == "message"]

@@ -156,14 +156,16 @@ class WebRtcNoiseSuppressor:
 RNNOISE_RATE = 48_000
 RNNOISE_FRAME = 480  # 10 ms at 48 kHz
 RNNOISE_DELAY = 960  # samples (48 kHz) by which RNNoise's output lags its input (measured)
-# Fraction of the original signal mixed back in, time-aligned: an attenuation limit (0.5 caps
-# suppression at ~6 dB, 0.3 at ~10 dB). Measured with Whisper tiny.en on 40 noisy utterances each
-# (bench/noise_reduction.py): without a floor RNNoise also removes much of the wanted voice when
-# the noise is other voices (babble), and its residual in loud white noise "burbles" so that Silero
-# starts false turns (none with a floor of 0.2 or more). 0.5 kept WER at or below no suppression in
-# every condition; 0.3 suppresses stationary noise harder (WER 0.114 -> 0.095 in white noise at
-# 5 dB SNR) at a price in babble (0.265 -> 0.454 at 5 dB), a trade for far-field microphones.
-RNNOISE_DRY_MIX: dict[str, float] = {"near_field": 0.5, "far_field": 0.3}
+# Fraction of the original signal mixed back in, time-aligned: an attenuation limit (0.65 caps
+# suppression at ~4 dB, 0.3 at ~10 dB). Measured with Whisper tiny.en on 20 noisy
+# utterances per condition and two noise draws (bench/noise_reduction.py): without a floor RNNoise
+# also removes much of the wanted voice when the noise is other voices (babble), and its residual in
+# loud white noise "burbles" so that Silero starts false turns (none with a floor of 0.2 or more).
+# near_field 0.65 kept WER at or below no suppression in 7 of 8 conditions (white 5 dB: 0.111 ->
+# 0.052, babble 5 dB: 0.275 -> 0.229; the eighth, babble 10 dB, 2 words of 153 more); 0.5 cost
+# more in babble at 10 dB. far_field 0.3 suppresses stationary noise harder at a price in babble,
+# a trade for far-field microphones.
+RNNOISE_DRY_MIX: dict[str, float] = {"near_field": 0.65, "far_field": 0.3}
 
 _lib: ctypes.CDLL | None = None
 _lib_lock = threading.Lock()

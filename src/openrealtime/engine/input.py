@@ -6,10 +6,11 @@ the wire.
 
 Caller audio flows: resampler (any rate -> 16 kHz) -> noise suppressor (when
 ``audio.input.noise_reduction`` is set and the server has one) -> the buffer, VAD and the turn
-detector. Turn detection is server_vad (``VadTurnDetector``) or semantic_vad
-(``SemanticTurnDetector`` + the server's end-of-turn model, run inline at each pause so the
-decision applies exactly at the audio it judged); without an end-of-turn model semantic_vad falls
-back to a silence wait per eagerness.
+detector. With ``near_field`` noise reduction a level gate (``NearFieldGate``) sits between VAD
+and the turn detector, so background talkers do not start turns. Turn detection is server_vad
+(``VadTurnDetector``) or semantic_vad (``SemanticTurnDetector`` + the server's end-of-turn model,
+run inline at each pause so the decision applies exactly at the audio it judged); without an
+end-of-turn model semantic_vad falls back to a silence wait per eagerness.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ..audio.resample import StreamResampler
 from ..protocol import events as ev
 from ..protocol.events import new_id
 from ..protocol.session import SemanticVad, ServerVad
+from .gate import NearFieldGate
 from .turns import (
     SemanticTurnDetector,
     SilenceBegan,
@@ -70,6 +74,7 @@ class InputAudio:
         self._noise_stream = None  # a NoiseStream while noise_reduction is on
         self._noise_kind: str | None = None
         self._noise_carry = b""  # held-back samples of a suppressor that was switched off
+        self._gate: NearFieldGate | None = None
         self._warned_no_turn_model = False
         self.configure()
 
@@ -109,6 +114,11 @@ class InputAudio:
 
     def _configure_noise(self) -> None:
         nr = self.s.config.audio.input.noise_reduction
+        near = nr is not None and nr.type == "near_field" and self.s.ctx.vad is not None
+        if not near:
+            self._gate = None
+        elif self._gate is None:
+            self._gate = NearFieldGate(self.s.ctx.vad.frame_ms)  # type: ignore[union-attr]
         kind = nr.type if nr is not None and self.s.ctx.noise is not None else None
         if kind == self._noise_kind:
             return
@@ -148,11 +158,18 @@ class InputAudio:
             for prob in probs:
                 start = self._vad_pos_ms
                 self._vad_pos_ms += self._detector.frame_ms
+                if self._gate is not None:
+                    prob = self._gate.feed(prob, self._mean_square(start, self._vad_pos_ms),
+                                           self._detector.in_speech)
                 for event in self._detector.feed(prob, start):
                     await self._on_turn_event(event)
                 if self._detector is None:  # a handler turned detection off
                     break
         self._trim()
+
+    def _mean_square(self, start_ms: float, end_ms: float) -> float:
+        frame = np.frombuffer(self.segment(start_ms, end_ms), dtype="<i2").astype(np.float64)
+        return float(np.mean(frame * frame)) if frame.size else 0.0
 
     def _trim(self) -> None:
         if self._detector is not None and not self._detector.in_speech:

@@ -281,6 +281,14 @@ async def test_rate_limits(limited_server: Server):
         # Not a dropped session: it still answers.
         await conn.session.update(session={"type": "realtime", "instructions": "still here"})
         assert (await collect(conn, "session.updated"))[-1]["session"]["instructions"] == "still here"
+    # Ephemeral keys minted with the key share its limits: minting more is no way around them.
+    async with client(limited_server) as sdk:
+        secret = await sdk.realtime.client_secrets.create(session={"type": "realtime"})  # type: ignore[arg-type]
+    async with client(limited_server, secret.value).realtime.connect(model="gpt-realtime") as conn:
+        await collect(conn, "session.created")
+        await conn.response.create(response={"output_modalities": ["text"], "max_output_tokens": 4})
+        err = (await collect(conn, "error"))[-1]["error"]
+        assert err["code"] == "rate_limit_exceeded" and err["type"] == "requests"
 
 
 async def test_unlimited_server_reports_no_limits(server: Server):

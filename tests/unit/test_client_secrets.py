@@ -118,8 +118,9 @@ async def test_service_mints_hashed_values_and_resolves_them():
     assert secret.session == {"instructions": "x"}  # read-only fields are not carried
     assert ClientSecret.from_json(secret.to_json()) == secret
     assert await service.resolve(value) == secret
-    _, short = await service.mint(None, seconds=10)
+    _, short = await service.mint(None, seconds=10, account="key:abc")
     assert short.expires_at == int(clock.t) + 10 and short.session is None
+    assert short.account == "key:abc" and ClientSecret.from_json(short.to_json()) == short
 
     with pytest.raises(APIError) as unknown:
         await service.resolve("ek_" + "0" * 48)
@@ -267,6 +268,12 @@ def test_loopback_mode_mints_for_local_same_origin_requests(client: TestClient):
     _RESPONSE.validate_python(r.json(), strict=True)
     ek = r.json()["value"]
     assert_error(client.get("/v1/models", headers=bearer(ek)), 403)
+    # The page's keys share one rate-limit account; keys minted through the API count against the key.
+    store = client.app.state.client_secrets.store  # type: ignore[attr-defined]
+    assert store._by_digest[secret_digest(ek)].account == "playground"
+    r = client.post("/v1/realtime/client_secrets", json={}, headers=bearer(KEY))
+    account = store._by_digest[secret_digest(r.json()["value"])].account
+    assert account and account.startswith("key:") and KEY not in account
 
 
 @pytest.mark.parametrize("headers", [

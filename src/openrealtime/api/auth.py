@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 from typing import TYPE_CHECKING
 
@@ -131,11 +132,12 @@ async def require_key(conn: HTTPConnection) -> None:
 
 
 def session_key(conn: HTTPConnection, secret: ClientSecret | None = None) -> str | None:
-    """Who a new session is accounted to (rate limits): the API key it presented, or for an
-    ephemeral key that key's digest; None on an open server."""
+    """Who a new session (or a minted ek) is accounted to for rate limits: a digest of the API key it
+    presented, or for an ephemeral key the account that minted it; None on an open server."""
     if secret is not None:
-        return "ek:" + secret.digest
+        return secret.account or "ek:" + secret.digest
     checker: KeyChecker = conn.app.state.keys
     if checker.open:
         return None
-    return next((k for k in presented_keys(conn) if checker.valid(k)), None)
+    key = next((k for k in presented_keys(conn) if checker.valid(k)), None)
+    return None if key is None else "key:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..engine import EngineContext, InvalidSessionConfig, RealtimeSession
 from ..protocol.errors import from_validation_error
 from ..protocol.session import READ_ONLY_FIELDS, deep_merge
-from .auth import require_key
+from .auth import require_key, session_key
 from .errors import APIError
 
 PREFIX = "ek_"
@@ -52,13 +52,16 @@ class ClientSecret:
     expires_at: int
     # The session config the request gave (read-only fields dropped); sessions start from it.
     session: dict[str, Any] | None = None
+    # Who minted it, for rate limits: sessions made with the ek count against this account, so
+    # minting many eks does not multiply a key's limits. None only for secrets stored before.
+    account: str | None = None
 
     def expired(self, now: float) -> bool:
         return now >= self.expires_at
 
     def to_json(self) -> str:
         return json.dumps({"digest": self.digest, "created_at": self.created_at,
-                           "expires_at": self.expires_at, "session": self.session})
+                           "expires_at": self.expires_at, "session": self.session, "account": self.account})
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ClientSecret:
@@ -143,12 +146,12 @@ class ClientSecrets:
         self._clock = clock
         self._call_owner: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
-    async def mint(self, session: dict[str, Any] | None = None, seconds: int | None = None
-                   ) -> tuple[str, ClientSecret]:
+    async def mint(self, session: dict[str, Any] | None = None, seconds: int | None = None,
+                   account: str | None = None) -> tuple[str, ClientSecret]:
         now = int(self._clock())
         value = PREFIX + secrets.token_hex(24)
         stored = {k: v for k, v in session.items() if k not in READ_ONLY_FIELDS} if session else None
-        secret = ClientSecret(secret_digest(value), now, now + (seconds or self.ttl_s), stored or None)
+        secret = ClientSecret(secret_digest(value), now, now + (seconds or self.ttl_s), stored or None, account)
         try:
             await self.store.add(secret)
         except StoreFull as exc:
@@ -250,13 +253,13 @@ def parse_create_request(data: dict[str, Any]) -> _CreateRequest:
         raise APIError(400, err.message, code=err.code, param=err.param) from None
 
 
-async def mint_response(request: Request, data: dict[str, Any]) -> dict[str, Any]:
-    """Validate a create request, mint the ek, and answer in the hosted API's shape."""
+async def mint_response(request: Request, data: dict[str, Any], account: str | None) -> dict[str, Any]:
+    """Validate a create request, mint the ek for ``account``, and answer in the hosted API's shape."""
     parsed = parse_create_request(data)
     session = await effective_session(request.app.state.engine, parsed.session)
     service: ClientSecrets = request.app.state.client_secrets
     seconds = parsed.expires_after.seconds if parsed.expires_after is not None else None
-    value, secret = await service.mint(parsed.session, seconds)
+    value, secret = await service.mint(parsed.session, seconds, account)
     return {"value": value, "expires_at": secret.expires_at, "session": session}
 
 
@@ -266,4 +269,4 @@ router = APIRouter()
 @router.post("/v1/realtime/client_secrets", dependencies=[Depends(require_key)])
 async def create_client_secret(request: Request) -> dict[str, Any]:
     """Mint an ephemeral key (real API key required; an ek cannot mint another)."""
-    return await mint_response(request, await read_json_body(request))
+    return await mint_response(request, await read_json_body(request), session_key(request))

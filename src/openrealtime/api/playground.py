@@ -39,6 +39,8 @@ log = logging.getLogger("openrealtime")
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 TOKEN_HEADER = "x-playground-token"
+# The rate-limit account of every key the page mints.
+PLAYGROUND_ACCOUNT = "playground"
 PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
 # The page loads only its own files and talks only to its own origin (WebRTC media is not fetch).
 SECURITY_HEADERS = {
@@ -167,7 +169,8 @@ async def playground_session(request: Request) -> dict[str, Any]:
     if extra:
         raise APIError(400, f"Unknown parameter: '{sorted(extra)[0]}'.", code="unknown_parameter",
                        param=sorted(extra)[0])
-    return await mint_response(request, data)
+    # The page's keys share one account, so rate limits cap the playground as a whole.
+    return await mint_response(request, data, PLAYGROUND_ACCOUNT)
 
 
 def install_playground(app: FastAPI, settings: Settings) -> None:

@@ -16,9 +16,11 @@ less than one 10 ms frame (RNNoise's output content also lags by its 20 ms look-
 
 Per-type settings (chosen with bench/noise_reduction.py): ``near_field`` (a headset or a phone held
 close: speech dominates) suppresses gently, ``far_field`` (a laptop or room microphone: more noise)
-suppresses harder. Stronger settings than these create "musical noise" artifacts that Silero VAD
-takes for speech, and automatic gain control is left off: Silero and Whisper are insensitive to
-level, and AGC only raised false speech_started on noise in our measurements.
+suppresses harder. Stronger settings than these cost words (Whisper) or create "musical noise"
+artifacts that Silero VAD takes for speech, and automatic gain control is left off: Silero and
+Whisper are insensitive to level, and AGC only raised false speech_started on noise in our
+measurements. (What keeps background *talkers* from starting turns is not here: see
+``engine/gate.py``.)
 """
 
 from __future__ import annotations
@@ -157,15 +159,16 @@ RNNOISE_RATE = 48_000
 RNNOISE_FRAME = 480  # 10 ms at 48 kHz
 RNNOISE_DELAY = 960  # samples (48 kHz) by which RNNoise's output lags its input (measured)
 # Fraction of the original signal mixed back in, time-aligned: an attenuation limit (0.65 caps
-# suppression at ~4 dB, 0.3 at ~10 dB). Measured with Whisper tiny.en on 20 noisy
-# utterances per condition and two noise draws (bench/noise_reduction.py): without a floor RNNoise
-# also removes much of the wanted voice when the noise is other voices (babble), and its residual in
-# loud white noise "burbles" so that Silero starts false turns (none with a floor of 0.2 or more).
-# near_field 0.65 kept WER at or below no suppression in 7 of 8 conditions (white 5 dB: 0.111 ->
-# 0.052, babble 5 dB: 0.275 -> 0.229; the eighth, babble 10 dB, 2 words of 153 more); 0.5 cost
-# more in babble at 10 dB. far_field 0.3 suppresses stationary noise harder at a price in babble,
-# a trade for far-field microphones.
-RNNOISE_DRY_MIX: dict[str, float] = {"near_field": 0.65, "far_field": 0.3}
+# suppression at ~4 dB, 0.5 at ~6 dB). Without a floor RNNoise also removes much of the wanted
+# voice when the noise is other voices (babble), and its residual in loud white noise "burbles" so
+# that Silero starts false turns (none with a floor of 0.2 or more). Measured with Whisper tiny.en on
+# 20 noisy utterances per condition (white / babble at 10 / 5 dB SNR) and two noise draws
+# (bench/noise_reduction.py; one condition's WER moves +-0.03 between draws): mean WER over the 8
+# conditions 0.137 without suppression, 0.115 at 0.65, 0.126 at 0.5, and 0.3 gave 0.379 against
+# 0.275 in babble at 5 dB. near_field 0.65 was at or below no suppression in 7 of 8 conditions;
+# far_field (more room noise) takes 0.5, for more suppression of stationary noise (SI-SDR) at the
+# same word error rate.
+RNNOISE_DRY_MIX: dict[str, float] = {"near_field": 0.65, "far_field": 0.5}
 
 _lib: ctypes.CDLL | None = None
 _lib_lock = threading.Lock()

@@ -198,7 +198,8 @@ async def test_timeout_and_connect_retries():
     events = await run(llm)
     assert len(attempts) == 3 and events[0] == TextDelta("up")
     attempts.clear()
-    llm.connect_retries = 1
+    await llm.close()
+    llm = backend(flaky, connect_retries=1)
     with pytest.raises(LLMError) as info:
         await run(llm)
     assert info.value.code == "upstream_unreachable" and info.value.details["attempts"] == 2
@@ -246,7 +247,7 @@ async def test_registry_routes_provider_models(tmp_path: Any, monkeypatch: pytes
     assert isinstance(llm, OpenAICompatLLM)
     assert (llm.name, llm.model, llm.base_url, llm.context_length) == (
         "groq/llama-3.1-8b", "llama-3.1-8b", "http://groq.test/v1", 32000)
-    assert llm._headers["Authorization"] == "Bearer sk-groq"
+    assert llm._endpoint.headers["Authorization"] == "Bearer sk-groq"
     nested = await registry.resolve("groq/meta/llama-3")  # model names may contain slashes themselves
     assert isinstance(nested, OpenAICompatLLM) and nested.model == "meta/llama-3"
     with pytest.raises(LLMError) as info:

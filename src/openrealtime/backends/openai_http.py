@@ -1,4 +1,4 @@
-"""HTTP plumbing shared by the OpenAI-compatible remote speech backends (STT and TTS).
+"""HTTP plumbing shared by the OpenAI-compatible remote backends (LLM, STT and TTS).
 
 One place for what every remote call needs: bearer auth, a connect timeout separate from the read
 timeout, retries with exponential backoff on connect errors only (nothing was sent, so a retry is
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,12 +27,13 @@ class UpstreamFailure(Exception):
     upstream_error / upstream_timeout / upstream_disconnected."""
 
     def __init__(self, message: str, code: str, status: int | None = None, body: Any = None,
-                 upstream_code: str | None = None):
+                 upstream_code: str | None = None, details: dict[str, Any] | None = None):
         super().__init__(message)
         self.code = code
         self.status = status
         self.body = body
         self.upstream_code = upstream_code
+        self.details = details or {}  # what else a client may want: url, attempts, timeout_s, retry_after
 
 
 def upstream_error_message(body: Any, text: str) -> tuple[str, str | None]:
@@ -66,9 +67,11 @@ async def read_error(response: httpx.Response, who: str) -> UpstreamFailure:
         parsed = None
     message, upstream_code = upstream_error_message(parsed, text)
     status = response.status_code
+    retry_after = response.headers.get("retry-after")
     return UpstreamFailure(f"Upstream {who} answered HTTP {status}: {message}",
                            classify_status(status, message, upstream_code), status,
-                           parsed if parsed is not None else text[:2000], upstream_code)
+                           parsed if parsed is not None else text[:2000], upstream_code,
+                           {"retry_after": retry_after} if status == 429 and retry_after else None)
 
 
 def classify_status(status: int, message: str, upstream_code: str | None) -> str:
@@ -88,7 +91,10 @@ class RemoteEndpoint:
 
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 60.0,
                  connect_timeout: float = 5.0, connect_retries: int = 2, retry_backoff_s: float = 0.25,
-                 headers: dict[str, str] | None = None, name: str = "remote"):
+                 headers: dict[str, str] | None = None, name: str = "remote",
+                 client: httpx.AsyncClient | Callable[[], httpx.AsyncClient] | None = None):
+        """``client`` (or a function returning it, called on each request) lets several backends of
+        one provider share a connection pool; its owner closes it, not ``close()``."""
         self.base_url = base_url.rstrip("/")
         self.name = name
         self.timeout = timeout
@@ -98,9 +104,14 @@ class RemoteEndpoint:
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
+        self._shared = client
         self._client: httpx.AsyncClient | None = None
 
     def client(self) -> httpx.AsyncClient:
+        if isinstance(self._shared, httpx.AsyncClient):
+            return self._shared
+        if self._shared is not None:
+            return self._shared()
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self._timeout)
         return self._client
@@ -133,7 +144,8 @@ class RemoteEndpoint:
                 if attempt >= self.connect_retries:
                     raise UpstreamFailure(f"Cannot reach {self.name} at {self.base_url}: "
                                           f"{type(exc).__name__}: {exc or 'connection failed'}",
-                                          "upstream_unreachable") from exc
+                                          "upstream_unreachable", details={"url": url, "attempts": attempt + 1}
+                                          ) from exc
                 delay = self.retry_backoff_s * (2 ** attempt)
                 attempt += 1
                 logger.info("%s: connecting to %s failed (%s); retry %d/%d in %.2fs", self.name, url, exc,
@@ -150,7 +162,7 @@ class RemoteEndpoint:
 
     def _timeout_failure(self) -> UpstreamFailure:
         return UpstreamFailure(f"{self.name} ({self.base_url}) sent nothing for {self.timeout:g}s",
-                               "upstream_timeout")
+                               "upstream_timeout", details={"timeout_s": self.timeout})
 
     async def close(self) -> None:
         if self._client is not None:

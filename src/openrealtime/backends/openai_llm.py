@@ -26,7 +26,6 @@ tokens of chat-template overhead per message), which is what context management 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
@@ -46,7 +45,7 @@ from openrealtime.backends.llm import (
     ToolSpec,
     Usage,
 )
-from openrealtime.backends.openai_http import read_error, upstream_error_message
+from openrealtime.backends.openai_http import RemoteEndpoint, UpstreamFailure, upstream_error_message
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +53,6 @@ logger = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4
 # Chat-template tokens around each message (role markers, separators).
 TOKENS_PER_MESSAGE = 4
-# Largest error body we read from a failed upstream response.
-
 _FINISH_REASONS = {
     "stop": "stop",
     "length": "length",
@@ -65,9 +62,6 @@ _FINISH_REASONS = {
     "eos": "stop",
     "eos_token": "stop",
 }
-
-_CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
-
 
 def message_to_openai(message: ChatMessage) -> dict[str, Any]:
     """One ``ChatMessage`` in chat-completions request shape."""
@@ -149,31 +143,22 @@ class OpenAICompatLLM:
         ``client`` (or a function returning it, called on each request) lets several backends of
         one provider share a connection pool; the caller then closes it.
         """
-        self.base_url = base_url.rstrip("/")
         self.model = model
-        self.name = name or model or self.base_url
+        self.name = name or model or base_url.rstrip("/")
         self.context_length = context_length
-        self.timeout = timeout
-        self.connect_retries = max(0, connect_retries)
-        self.retry_backoff_s = retry_backoff_s
         self._stream_usage = stream_usage
-        self._headers = {"Accept": "text/event-stream", **(headers or {})}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
-        self._client = client
-        self._owns_client = client is None
+        self._endpoint = RemoteEndpoint(
+            base_url, api_key, timeout=timeout, connect_timeout=connect_timeout, connect_retries=connect_retries,
+            retry_backoff_s=retry_backoff_s, headers={"Accept": "text/event-stream", **(headers or {})},
+            name=self.name, client=client)
         self._closed = False
+
+    @property
+    def base_url(self) -> str:
+        return self._endpoint.base_url
 
     def __repr__(self) -> str:
         return f"OpenAICompatLLM(name={self.name!r}, base_url={self.base_url!r}, model={self.model!r})"
-
-    def _http(self) -> httpx.AsyncClient:
-        if callable(self._client) and not isinstance(self._client, httpx.AsyncClient):
-            return self._client()
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout)
-        return self._client
 
     # --- LLMBackend ---
 
@@ -199,60 +184,24 @@ class OpenAICompatLLM:
         if self._closed:
             raise LLMError("The backend is closed", code="model_closed")
         body = self.request_body(messages, params)
-        url = f"{self.base_url}/chat/completions"
-        attempt = 0
         while True:
             try:
-                async with self._http().stream("POST", url, json=body, headers=self._headers,
-                                                timeout=self._timeout) as response:
-                    if response.status_code >= 400:
-                        error = await self._status_error(response)
-                        if (response.status_code == 400 and "stream_options" in body
-                                and "stream_options" in str(error)):
-                            # An older server that rejects stream_options: ask again without it.
-                            logger.info("%s: upstream rejects stream_options; not asking for usage", self.name)
-                            self._stream_usage = False
-                            body.pop("stream_options")
-                            continue
-                        raise error
+                async with self._endpoint.request("POST", "chat/completions", json=body) as response:
                     async for event in self._events(response, messages):
                         yield event
                     return
-            except _CONNECT_ERRORS as exc:
-                if attempt >= self.connect_retries:
-                    raise LLMError(
-                        f"Cannot reach the upstream server {self.base_url} ({self.name}): "
-                        f"{type(exc).__name__}: {exc or 'connection failed'}",
-                        code="upstream_unreachable",
-                        details={"provider": self.name, "url": url, "attempts": attempt + 1},
-                    ) from exc
-                delay = self.retry_backoff_s * (2 ** attempt)
-                attempt += 1
-                logger.info("%s: connecting to %s failed (%s); retry %d/%d in %.2fs", self.name, url, exc,
-                            attempt, self.connect_retries, delay)
-                await asyncio.sleep(delay)
-            except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:
-                raise LLMError(
-                    f"The upstream server {self.base_url} ({self.name}) sent nothing for {self.timeout:g}s",
-                    code="upstream_timeout", details={"provider": self.name, "timeout_s": self.timeout},
-                ) from exc
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-                raise LLMError(
-                    f"The upstream server {self.base_url} ({self.name}) closed the connection "
-                    f"mid-response: {exc or type(exc).__name__}",
-                    code="upstream_disconnected", details={"provider": self.name},
-                ) from exc
-            except httpx.HTTPError as exc:  # anything else httpx raises (invalid URL, ...)
-                raise LLMError(f"Request to {self.base_url} ({self.name}) failed: {exc}",
-                               code="upstream_error", details={"provider": self.name}) from exc
-
-    async def _status_error(self, response: httpx.Response) -> LLMError:
-        failure = await read_error(response, self.name)
-        details = {"provider": self.name, "status": failure.status, "upstream_code": failure.upstream_code,
-                   "upstream_error": failure.body}
-        if failure.status == 429 and response.headers.get("retry-after"):
-            details["retry_after"] = response.headers["retry-after"]
-        return LLMError(str(failure), code=failure.code, details=details)
+            except UpstreamFailure as failure:
+                if failure.status == 400 and "stream_options" in body and "stream_options" in str(failure):
+                    # An older server that rejects stream_options: ask again without it.
+                    logger.info("%s: upstream rejects stream_options; not asking for usage", self.name)
+                    self._stream_usage = False
+                    body.pop("stream_options")
+                    continue
+                details: dict[str, Any] = {"provider": self.name, **failure.details}
+                if failure.status is not None:
+                    details.update(status=failure.status, upstream_code=failure.upstream_code,
+                                   upstream_error=failure.body)
+                raise LLMError(str(failure), code=failure.code, details=details) from failure
 
     async def _events(self, response: httpx.Response, messages: list[ChatMessage]) -> AsyncIterator[LLMEvent]:
         """Parse the SSE stream; every event the engine sees ends with exactly one ``Finished``.
@@ -349,6 +298,4 @@ class OpenAICompatLLM:
 
     async def close(self) -> None:
         self._closed = True
-        if isinstance(self._client, httpx.AsyncClient) and self._owns_client:
-            await self._client.aclose()
-        self._client = None
+        await self._endpoint.close()

@@ -5,27 +5,53 @@ Precedence, highest first: explicit keyword arguments (the CLI), environment, TO
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+
+ENV_PREFIX = "OPENREALTIME_"
+
+
+def _list_value(value: Any) -> Any:
+    """A list setting as people type it in a shell: a JSON list, ``a,b,c``, or one value.
+
+    ``OPENREALTIME_API_KEYS=sk-123`` is what everyone tries first; only a value that starts like
+    JSON (``[`` or ``"``) is parsed as JSON, so a malformed JSON list is an error, not one odd key.
+    """
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith(("[", '"')):
+        try:
+            decoded = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"not valid JSON ({exc.args[0]})") from None
+        return [decoded] if isinstance(decoded, str) else decoded
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# A list of strings that the environment may give as JSON, comma-separated, or a single value.
+StrList = Annotated[list[str], NoDecode, BeforeValidator(_list_value)]
 
 
 class IceConfig(BaseModel):
     """What clients are told about STUN/TURN, and which local addresses our ICE agent offers."""
 
-    stun_urls: list[str] = Field(default_factory=list)
-    turn_urls: list[str] = Field(default_factory=list)
+    stun_urls: StrList = Field(default_factory=list)
+    turn_urls: StrList = Field(default_factory=list)
     # Shared secret of a coturn server in `use-auth-secret` mode (TURN REST credentials).
     turn_secret: str | None = None
     turn_ttl_s: int = 3600
     # Host addresses to put in our SDP answers in addition to aioice's own gathering.
     # aioice skips loopback, so "127.0.0.1" must be listed to accept calls from this machine;
     # behind NAT, list the public IP here.
-    addresses: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
+    addresses: StrList = Field(default_factory=lambda: ["127.0.0.1"])
     # Let aioice gather the machine's non-loopback interface addresses as well.
     gather_interfaces: bool = True
 
@@ -51,7 +77,7 @@ class ProviderConfig(BaseModel):
     # The models' context window, used for context management (the API does not report it).
     context_length: int = 8192
     # Models listed in /v1/models as "<provider>/<model>" (any model name is accepted anyway).
-    models: list[str] = Field(default_factory=list)
+    models: StrList = Field(default_factory=list)
     # Extra HTTP headers sent with every request.
     headers: dict[str, str] = Field(default_factory=dict)
     # Ask for token usage in the stream (stream_options.include_usage); turned off automatically
@@ -69,14 +95,15 @@ class Settings(BaseSettings):
     """Everything the server reads at start-up."""
 
     model_config = SettingsConfigDict(
-        env_prefix="OPENREALTIME_", env_nested_delimiter="__", extra="ignore"
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore"
     )
 
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
     # API keys accepted as `Authorization: Bearer <key>` / `Basic <key>`; empty = open (loopback only).
-    api_keys: list[str] = Field(default_factory=list)
+    # The environment takes one key, a comma-separated list or a JSON list.
+    api_keys: StrList = Field(default_factory=list)
 
     # LLM: a model name from the registry (qwen2.5-1.5b, qwen2.5-0.5b, smollm2-135m) or a .gguf path.
     llm_model: str = "qwen2.5-1.5b"
@@ -88,6 +115,9 @@ class Settings(BaseSettings):
         default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         / "openrealtime"
     )
+    # `openrealtime serve` loads the default LLM and speech models in the background at start-up,
+    # so the first answer does not wait for them (False: each loads on first use).
+    warm_start: bool = True
 
     # Speech stages (offline defaults: Silero VAD, Whisper tiny.en, Piper en_US-joe-medium).
     vad_enabled: bool = True
@@ -118,7 +148,7 @@ class Settings(BaseSettings):
     tts_provider: str | None = None
     tts_remote_model: str = "tts-1"
     # Voices the remote TTS offers (the API cannot list them); empty = accept any name.
-    tts_remote_voices: list[str] = Field(
+    tts_remote_voices: StrList = Field(
         default_factory=lambda: ["alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
                                  "shimmer", "verse", "marin", "cedar"])
 
@@ -133,9 +163,27 @@ class Settings(BaseSettings):
     # (code rate_limit_exceeded); rate_limits.updated reports them after every response.
     rate_limit_requests_per_min: int | None = None
     rate_limit_tokens_per_min: int | None = None
+    # Admission control: at most this many live Realtime sessions (WebSocket sessions + WebRTC calls)
+    # on this node; beyond it new ones get a 429 `session_limit_reached`. None = unlimited.
+    max_sessions: int | None = Field(None, ge=0)
+    # On SIGTERM the server drains: new sessions get a 503 `draining`, live ones may go on for this
+    # many seconds, then they are closed and the process exits.
+    drain_grace_s: float = Field(30.0, ge=0)
+    # Longest audio POST /v1/audio/transcriptions decodes (uploads are capped at 25 MB, as OpenAI's);
+    # longer files get a 400 `audio_too_long` as soon as decoding passes the cap.
+    transcription_max_duration_s: float = Field(600.0, gt=0)
+    # Serve the OpenAPI schema and its viewers (/openapi.json, /docs, /redoc), without a key.
+    api_docs: bool = False
 
     # Origins whose browser pages may call the API (keys travel as bearer tokens, not cookies).
-    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    cors_origins: StrList = Field(default_factory=lambda: ["*"])
+
+    # Names from hosted services (Inworld's voice "Dennis", OpenAI's "gpt-realtime", a provider we
+    # do not have such as "openai/gpt-4o-mini", "assemblyai/..." transcription) are mapped to what
+    # this server has, logged once per session. `voice_aliases` maps a requested voice (any case)
+    # to one of ours; other unknown voices use the default voice. `strict_names` refuses them instead.
+    voice_aliases: dict[str, str] = Field(default_factory=dict)
+    strict_names: bool = False
 
     # Ephemeral client secrets (`ek_...`, POST /v1/realtime/client_secrets): their lifetime when the
     # request names none; a request may ask for 10..7200 s, as with the hosted API.
@@ -186,3 +234,82 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     finally:
         _TOML_PATH = None
+
+
+# What a setting looks like when it is right, for the one-line start-up error (scalars show their default).
+_EXAMPLES: dict[str, str] = {
+    "api_keys": "one key, a comma-separated list or a JSON list, e.g. OPENREALTIME_API_KEYS=sk-local-1,sk-local-2",
+    "cors_origins": "one origin, a comma-separated list or a JSON list, "
+                    "e.g. OPENREALTIME_CORS_ORIGINS=http://localhost:3000,https://app.example.com",
+    "tts_remote_voices": "a comma-separated list or a JSON list, e.g. OPENREALTIME_TTS_REMOTE_VOICES=alloy,nova",
+    "ice": "e.g. OPENREALTIME_ICE__ADDRESSES=203.0.113.7,127.0.0.1 (one address, a comma-separated list "
+           "or a JSON list)",
+    "providers": "e.g. OPENREALTIME_PROVIDERS__OPENAI__BASE_URL=https://api.openai.com/v1 with "
+                 "OPENREALTIME_PROVIDERS__OPENAI__API_KEY_ENV=OPENAI_API_KEY, or "
+                 'OPENREALTIME_PROVIDERS=\'{"openai": {"base_url": "https://api.openai.com/v1"}}\'',
+    "voice_aliases": 'e.g. OPENREALTIME_VOICE_ALIASES=\'{"dennis": "joe"}\'',
+    "llm_model": "e.g. OPENREALTIME_LLM_MODEL=qwen2.5-0.5b (a registry name, a .gguf path or PROVIDER/MODEL)",
+}
+_SECRETS = {"api_keys", "api_key", "playground_token", "turn_secret"}  # never echoed
+
+
+def _env_names() -> set[str]:
+    return {name.upper() for name in os.environ}
+
+
+def _where(loc: tuple[Any, ...], config_file: str | Path | None) -> str:
+    """Name what the user set: the environment variable if one is set, else the TOML key."""
+    parts = [str(p) for p in loc if not isinstance(p, int)] or ["settings"]
+    env = _env_names()
+    for i in range(len(parts), 0, -1):  # OPENREALTIME_ICE__ADDRESSES, then OPENREALTIME_ICE (JSON)
+        name = ENV_PREFIX + "__".join(parts[:i]).upper()
+        if name in env:
+            return name
+    full = ENV_PREFIX + "__".join(parts).upper()
+    if any(n.startswith(ENV_PREFIX + parts[0].upper() + "__") for n in env):
+        return full  # e.g. a provider given by variables but missing its base_url
+    if config_file:
+        return f"{config_file}: {'.'.join(parts)}"
+    return full
+
+
+def _example(field: str) -> str:
+    if field in _EXAMPLES:
+        return _EXAMPLES[field]
+    info = Settings.model_fields.get(field)
+    default = None if info is None else info.default
+    if isinstance(default, bool):
+        return f"e.g. {ENV_PREFIX}{field.upper()}={str(default).lower()}"
+    if isinstance(default, int | float | str) and default != "":
+        return f"e.g. {ENV_PREFIX}{field.upper()}={default}"
+    return ""
+
+
+def describe_settings_error(exc: Exception, config_file: str | Path | None = None) -> str | None:
+    """One line naming the bad setting (its variable or TOML key) and an example, or None when
+    ``exc`` is not a settings error. A pydantic traceback tells a new user nothing about what to type."""
+    config_file = config_file or os.environ.get("OPENREALTIME_CONFIG") or None
+    if isinstance(exc, tomllib.TOMLDecodeError):
+        return f"{config_file}: not valid TOML ({exc})"
+    if isinstance(exc, OSError) and config_file and exc.filename is not None:
+        return f"cannot read the config file {config_file}: {exc.strerror or exc}"
+    if isinstance(exc, SettingsError):  # JSON that pydantic-settings decodes itself (dict settings)
+        field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "settings"
+        cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+        example = _example(field)
+        return f"{_where((field,), None)}: not valid JSON{cause}" + (f"; {example}" if example else "")
+    if not isinstance(exc, ValidationError):
+        return None
+    errors = exc.errors()
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    field = str(loc[0]) if loc else "settings"
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    value = first.get("input")
+    shown = ""
+    if isinstance(value, str | int | float) and not _SECRETS & set(map(str, loc)):
+        text = str(value)
+        shown = f" (got {text[:60] + '...' if len(text) > 60 else text!r})"
+    example = _example(field)
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{_where(loc, config_file)}: {message}{shown}" + (f"; {example}" if example else "") + more

@@ -19,14 +19,19 @@ from openai import AsyncOpenAI
 from openai.types.realtime import RealtimeServerEvent
 from pydantic import TypeAdapter
 
+from .zod_check import assert_valid_zod
+
 API_KEY = "sk-test-openrealtime"
 _SERVER_EVENT = TypeAdapter(RealtimeServerEvent)
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 def assert_valid_server_event(event: dict) -> None:
-    """Every event we emit must validate strictly against the official SDK's types."""
+    """Every event we emit must validate strictly against the official SDKs' types: openai-python's
+    `openai.types.realtime`, and the `@openai/agents` JS SDK's zod schemas and item parsing (the
+    strictest client we know; see zod_check.py)."""
     _SERVER_EVENT.validate_python(event, strict=True)
+    assert_valid_zod(event)
 
 
 def client(server: Server, key: str | None = None) -> AsyncOpenAI:
@@ -69,7 +74,8 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(extra_env: dict[str, str] | None = None, name: str = "server") -> Server:
+def start_server(extra_env: dict[str, str] | None = None, name: str = "server", preload: bool = True) -> Server:
+    """The server in a subprocess, once /healthz answers; `preload=False`: it listens while its models load."""
     port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log_path = ARTIFACTS / f"{name}-{port}.log"
@@ -79,12 +85,14 @@ def start_server(extra_env: dict[str, str] | None = None, name: str = "server") 
         "OPENREALTIME_LLM_MODEL": "smollm2-135m",
         "OPENREALTIME_ICE__ADDRESSES": '["127.0.0.1"]',
         "OPENREALTIME_ICE__GATHER_INTERFACES": "false",
+        # stop_server's SIGTERM drains: keep the grace period well inside its 15 s wait
+        "OPENREALTIME_DRAIN_GRACE_S": "3",
         **(extra_env or {}),
     }
     log = open(log_path, "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "openrealtime.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--preload", "--log-level", "info"],
+         *(["--preload"] if preload else []), "--log-level", "info"],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     base = f"http://127.0.0.1:{port}"

@@ -128,8 +128,8 @@ async def test_bad_requests_are_rejected_by_the_sdk(server: Server):
         assert exc.value.body["param"] == "expires_after.seconds"  # type: ignore[index]
         with pytest.raises(openai.BadRequestError) as exc:
             await client.realtime.client_secrets.create(
-                session={"type": "realtime", "audio": {"output": {"voice": "nobody"}}})  # type: ignore[arg-type]
-        assert exc.value.body["param"] == "session.audio.output.voice"  # type: ignore[index]
+                session={"type": "realtime", "audio": {"output": {"speed": 9}}})  # type: ignore[arg-type]
+        assert exc.value.body["param"] == "session.audio.output.speed"  # type: ignore[index]
 
 
 async def test_expired_ek_is_refused(server: Server):

@@ -69,6 +69,9 @@ def remote_server(upstream: LlamaUpstream, server: Server) -> Iterator[Server]:
         "OPENREALTIME_STT_PROVIDER": "a",
         "OPENREALTIME_TTS_PROVIDER": "a",
         "OPENREALTIME_TTS_REMOTE_VOICES": '["joe"]',
+        # Unknown providers are errors here (the default maps them to the default model; see
+        # tests/e2e/test_dialects.py).
+        "OPENREALTIME_STRICT_NAMES": "true",
     }, name="remote")
     yield srv
     stop_server(srv)
@@ -189,7 +192,7 @@ async def test_tool_call_on_a_provider_model(remote_server: Server):
     assert "response.function_call_arguments.delta" in types and "response.function_call_arguments.done" in types
 
 
-async def test_unknown_provider_is_rejected_at_session_update(remote_server: Server):
+async def test_unknown_provider_is_rejected_at_session_update_with_strict_names(remote_server: Server):
     async with client(remote_server).realtime.connect(model="gpt-realtime") as conn:
         await collect(conn, "session.created")
         await conn.session.update(session={"type": "realtime", "model": "nope/some-model"})
@@ -201,7 +204,7 @@ async def test_unknown_provider_is_rejected_at_session_update(remote_server: Ser
         assert (await collect(conn, "session.updated"))[-1]["session"]["model"] != "nope/some-model"
 
 
-async def test_unknown_provider_in_the_connect_url_is_refused(remote_server: Server):
+async def test_unknown_provider_in_the_connect_url_is_refused_with_strict_names(remote_server: Server):
     url = f"{remote_server.ws_url}/v1/realtime?model=nope/some-model"
     with pytest.raises(websockets.InvalidStatus) as exc:
         async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {remote_server.api_key}"}):

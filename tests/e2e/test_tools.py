@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
 import pytest
 
-from .conftest import Server, client, collect, start_server, stop_server
+from openrealtime.backends.tool_calling import MAX_DELTA_CHARS
+
+from .conftest import Server, assert_valid_server_event, client, collect, start_server, stop_server
 from .webrtc_client import hangup, open_call
 
 pytestmark = pytest.mark.e2e
@@ -184,6 +187,78 @@ async def test_tool_round_trip_over_webrtc_in_voice(server: Server):
     finally:
         await hangup(server, call_id)
         await peer.close()
+
+
+# A schema no budget can satisfy: guided decoding used to write all 100000 items (and hold the
+# shared model meanwhile).
+MANY = {"type": "function", "name": "list_things", "description": "List things.",
+        "parameters": {"type": "object", "required": ["items"], "properties": {
+            "items": {"type": "array", "items": {"type": "string"}, "minItems": 100_000}}}}
+
+
+async def timed(conn: Any, until: str, timeout: float = 180) -> list[tuple[float, dict]]:
+    """Validated server events with their arrival time, up to and including the first `until`."""
+    out: list[tuple[float, dict]] = []
+    async with asyncio.timeout(timeout):
+        async for event in conn:
+            data = event.to_dict()
+            assert_valid_server_event(data)
+            out.append((time.monotonic(), data))
+            if data["type"] == until:
+                return out
+    raise AssertionError(f"connection ended before {until}")
+
+
+async def test_hostile_schema_is_cut_at_the_budget_and_other_sessions_go_on(server: Server):
+    sdk = client(server)
+    async with sdk.realtime.connect(model="gpt-realtime") as hostile, \
+            sdk.realtime.connect(model="gpt-realtime") as other:
+        for conn in (hostile, other):
+            await collect(conn, "session.created")
+        await hostile.session.update(session={"type": "realtime", "output_modalities": ["text"], "tools": [MANY],
+                                              "tool_choice": "required", "max_output_tokens": 300})
+        await collect(hostile, "session.updated")
+        await other.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                            "max_output_tokens": 16})
+        await collect(other, "session.updated")
+        await hostile.conversation.item.create(item=user("List every city in the world."))
+        await collect(hostile, "conversation.item.done")
+        await other.conversation.item.create(item=user("Say hello to Anna."))
+        await collect(other, "conversation.item.done")
+
+        await hostile.response.create()
+        started = await timed(hostile, "response.function_call_arguments.delta")
+        rest = asyncio.create_task(timed(hostile, "response.done"))
+        await other.response.create()
+        answer = await timed(other, "response.done")
+        hostile_events = started + await rest
+
+        # The other session's reply began (and ended) while the hostile one was still being written.
+        first_delta = next(t for t, e in answer if e["type"] == "response.output_text.delta")
+        hostile_done = hostile_events[-1][0]
+        assert first_delta < answer[-1][0] < hostile_done
+        assert answer[-1][1]["response"]["status"] in ("completed", "incomplete")
+        assert answer[-1][1]["response"]["output"][0]["content"][0]["text"].strip()
+
+        # The hostile reply stopped at its budget and says so; its deltas stayed small.
+        response = hostile_events[-1][1]["response"]
+        assert response["status"] == "incomplete", response["status_details"]
+        assert response["status_details"]["reason"] == "max_output_tokens"
+        assert 0 < response["usage"]["output_tokens"] <= 300
+        [call] = response["output"]
+        assert call["type"] == "function_call" and call["name"] == "list_things" and call["status"] == "incomplete"
+        deltas = [e["delta"] for _, e in hostile_events if e["type"] == "response.function_call_arguments.delta"]
+        assert "".join(deltas) == call["arguments"] and call["arguments"].startswith('{"items": ["')
+        assert len(deltas) <= 300 and max(len(d) for d in deltas) <= MAX_DELTA_CHARS
+
+        # The hostile session itself goes on with a normal turn.
+        await hostile.conversation.item.create(item=user("Never mind. Just say ok."))
+        await collect(hostile, "conversation.item.done")
+        await hostile.response.create(response={"tool_choice": "none", "max_output_tokens": 20})
+        follow = (await collect(hostile, "response.done"))[-1]["response"]
+        assert follow["status"] in ("completed", "incomplete")
+        assert [o["type"] for o in follow["output"]] == ["message"]
+        assert follow["output"][0]["content"][0]["text"].strip()
 
 
 # ----------------------------------------------------------------------------- context and limits

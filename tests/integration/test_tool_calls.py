@@ -132,9 +132,14 @@ async def test_named_choice_calls_that_function_with_nested_arguments(llm: Llama
         assert [c["name"] for c in calls] == [name]
 
 
-async def test_budget_too_small_still_completes_a_valid_call(llm: LlamaCppBackend):
-    _, calls, finished = await run(llm, ask("Book a table."), "book_table", max_tokens=4)
-    assert len(calls) == 1 and finished.usage.completion_tokens <= 4
+async def test_budget_too_small_for_a_call_ends_with_length(llm: LlamaCppBackend):
+    """Every token of a call counts, the markup included: 4 tokens cannot hold one."""
+    params = GenerationParams(temperature=0.0, max_tokens=4, tools=TOOLS, tool_choice="book_table")
+    events = [e async for e in llm.stream(ask("Book a table."), params)]
+    finished = events[-1]
+    assert isinstance(finished, Finished) and finished.finish_reason == "length"
+    assert finished.usage.completion_tokens <= 4
+    assert "".join(e.arguments for e in events if isinstance(e, ToolCallDelta)) == ""
 
 
 async def test_none_never_calls_and_auto_never_breaks(llm: LlamaCppBackend):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -30,6 +31,8 @@ class FakeLM:
         self.rng = np.random.default_rng(seed)
         self.budget = budget
         self.evaluated: list[int] = []
+        self.spent = 0  # tokens counted without being evaluated
+        self.pauses = 0
         self.bias = np.zeros(len(raw), dtype=np.float32)
         for tok in self.vocab.quote:
             self.bias[tok] = quote_bias
@@ -48,11 +51,18 @@ class FakeLM:
                 i += 1
         return out
 
-    def evaluate(self, tokens: list[int]) -> bool:
-        if len(self.evaluated) + len(tokens) > self.budget:
-            return False
+    def room(self) -> int:
+        return self.budget - len(self.evaluated) - self.spent
+
+    def evaluate(self, tokens: list[int]) -> Iterator[None]:
+        assert len(tokens) <= self.room(), "the decoder went over its budget"
+        self.pauses += 1
+        yield
         self.evaluated.extend(tokens)
-        return True
+
+    def spend(self, n: int) -> None:
+        assert 0 <= n <= self.room(), "the decoder went over its budget"
+        self.spent += n
 
     def logits(self) -> np.ndarray:
         return self.rng.normal(0, 2, len(self.vocab.pieces)).astype(np.float32) + self.bias

@@ -250,14 +250,22 @@ async def test_registry_routes_provider_models(tmp_path: Any, monkeypatch: pytes
     assert llm._endpoint.headers["Authorization"] == "Bearer sk-groq"
     nested = await registry.resolve("groq/meta/llama-3")  # model names may contain slashes themselves
     assert isinstance(nested, OpenAICompatLLM) and nested.model == "meta/llama-3"
-    with pytest.raises(LLMError) as info:
-        await registry.resolve("nope/model")
-    assert info.value.code == "model_not_found" and "groq" in str(info.value)
-    assert registry.validate("nope/model") and registry.validate("groq/x") is None
+    # A provider we do not have (a hosted service's name): the default model serves it...
+    assert registry.validate("nope/model") is None and registry.effective("nope/model") == "smollm2-135m"
+    assert registry.validate("groq/x") is None and registry.effective("groq/x") == "groq/x"
     assert registry.validate("gpt-realtime") is None and registry.validate("smollm2-135m") is None
+    assert registry.effective("llama-3.3-70b-versatile") == "smollm2-135m"
     assert registry.validate("/tmp/x.gguf")  # paths are off by default
     assert "groq/llama-3.1-8b" in [m["id"] for m in registry.available_models()]
     await registry.close()
+    # ...unless the operator asked for strict names.
+    strict = LLMRegistry(settings(tmp_path, strict_names=True), factory=lambda *a, **k: pytest.fail("no load"))
+    with pytest.raises(LLMError) as info:
+        await strict.resolve("nope/model")
+    assert info.value.code == "model_not_found" and "groq" in str(info.value)
+    assert strict.validate("nope/model") and strict.validate("llama-3.3-70b-versatile")
+    assert strict.validate("gpt-realtime") is None and strict.validate("gpt-4o-mini-realtime-preview") is None
+    await strict.close()
 
 
 async def test_provider_as_the_server_default(tmp_path: Any):

@@ -13,9 +13,12 @@ from hypothesis import strategies as st
 
 from openrealtime.backends.llm import ChatMessage, ToolCall, ToolSpec
 from openrealtime.backends.tool_calling import (
+    MAX_DELTA_CHARS,
+    TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
     CallScanner,
     GuidedDecoder,
+    drive,
     generic_tools_prompt,
     minimal_value,
     parse_tool_calls,
@@ -35,12 +38,23 @@ def softmax_sampler(seed: int):
     return sample
 
 
+def run(schema: dict, seed: int = 0, budget: int = 10_000, quote_bias: float = 2.0
+        ) -> tuple[list[str], FakeLM, GuidedDecoder]:
+    """Guided output for `schema` (its deltas), the whole of it committed without evaluating the end."""
+    lm = FakeLM(seed, budget=budget, quote_bias=quote_bias)
+    guide = GuidedDecoder(lm, lm.vocab, softmax_sampler(seed))
+    out: list[str] = []
+    drive(guide.json_value(schema, out.append))
+    guide.finish()
+    return out, lm, guide
+
+
 def decode(schema: dict, seed: int = 0, budget: int = 10_000, quote_bias: float = 2.0) -> tuple[str, FakeLM]:
     lm = FakeLM(seed, budget=budget, quote_bias=quote_bias)
     guide = GuidedDecoder(lm, lm.vocab, softmax_sampler(seed))
     out: list[str] = []
-    guide.json_value(schema, out.append)
-    guide.flush()
+    drive(guide.json_value(schema, out.append))
+    drive(guide.flush())
     return "".join(out), lm
 
 
@@ -108,12 +122,30 @@ def test_guided_output_always_parses_and_validates(schema: dict, seed: int, bias
     assert lm.detok() == text
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(schema=TOP, seed=st.integers(0, 2**16), budget=st.integers(0, 30))
-def test_running_out_of_budget_still_gives_valid_json(schema: dict, seed: int, budget: int):
-    text, lm = decode(schema, seed, budget=budget)
-    jsonschema.validate(json.loads(text), schema)
-    assert len(lm.evaluated) <= budget
+def minimal_tokens(lm: FakeLM, schema: dict) -> int:
+    return len(lm.tokenize(json.dumps(minimal_value(schema), ensure_ascii=False)))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schema=TOP, seed=st.integers(0, 2**16), budget=st.integers(0, 60))
+def test_the_budget_holds_and_a_value_that_fits_completes(schema: dict, seed: int, budget: int):
+    out, lm, guide = run(schema, seed, budget=budget)
+    text = "".join(out)
+    # Every token of the output counts, forced or sampled, evaluated or not.
+    assert len(lm.evaluated) + lm.spent <= budget
+    # What the model saw was shown (but for a choice the budget cut short), and what was shown
+    # beyond it was counted without being evaluated.
+    seen = lm.detok()
+    assert text.startswith(seen) or (guide.truncated and seen.startswith(text))
+    assert len(lm.tokenize(text[len(seen):])) <= lm.spent + 1
+    if budget >= minimal_tokens(lm, schema):
+        # The decoder kept room to close everything: valid, complete, within the budget.
+        assert not guide.truncated
+        jsonschema.validate(json.loads(text), schema)
+    elif guide.truncated:
+        assert lm.room() < minimal_tokens(lm, schema)
+    else:
+        jsonschema.validate(json.loads(text), schema)  # the model happened to finish in time
 
 
 def test_refs_and_nested_definitions():
@@ -151,20 +183,91 @@ def test_tool_call_block_is_canonical_and_chooses_among_tools():
             seen[name] = []
             return seen[name].append
 
-        guide.tool_call(tools, None, on_name)
-        guide.flush()
+        drive(guide.tool_call(tools, None, on_name))
+        guide.force("}\n" + TOOL_CALL_CLOSE, emit=False)
+        drive(guide.flush())
         [(name, parts)] = seen.items()
         parsed = parse_tool_calls(lm.detok())
         assert not parsed.errors and parsed.text.strip() == ""
         assert [(c.name, json.loads(c.arguments)) for c in parsed.calls] == [(name, json.loads("".join(parts)))]
+        assert all(0 < len(p) <= MAX_DELTA_CHARS for p in parts)
         spec = next(t for t in tools if t.name == name)
         jsonschema.validate(json.loads("".join(parts)), spec.parameters or {"type": "object"})
     # A named choice is always that function.
     lm = FakeLM(1)
     guide = GuidedDecoder(lm, lm.vocab, softmax_sampler(1))
     names: list[str] = []
-    guide.tool_call(tools, "get_time", lambda n: (names.append(n), lambda _t: None)[1])
+    drive(guide.tool_call(tools, "get_time", lambda n: (names.append(n), lambda _t: None)[1]))
     assert names == ["get_time"]
+
+
+# ---------------------------------------------------------------- hostile schemas and the budget
+
+
+def test_huge_min_length_is_cut_at_the_budget_in_small_deltas():
+    schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 10_000_000}}, "required": ["s"]}
+    out, lm, guide = run(schema, budget=50)
+    assert guide.truncated and lm.room() == 0
+    text = "".join(out)
+    assert text.startswith('{"s": "') and len(text) < 50 * max(len(t) for t in lm.texts)
+    assert max(len(d) for d in out) <= MAX_DELTA_CHARS
+
+
+@pytest.mark.parametrize("items", [{"type": "string"}, {"type": "array", "items": {}, "minItems": 100_000},
+                                   {"const": "fixed"}, {"type": "object", "properties": {}}])
+def test_huge_min_items_is_cut_at_the_budget(items: dict):
+    schema = {"type": "object", "properties": {"xs": {"type": "array", "items": items, "minItems": 100_000}},
+              "required": ["xs"]}
+    out, lm, guide = run(schema, budget=200)
+    assert guide.truncated and len(lm.evaluated) + lm.spent == 200
+    assert "".join(out).startswith('{"xs": [')
+    assert max(len(d) for d in out) <= MAX_DELTA_CHARS and len(out) <= 200
+
+
+def test_huge_const_streams_in_pieces():
+    big = "abc" * 1_000_000
+    out, lm, guide = run({"type": "object", "properties": {"c": {"const": big}}, "required": ["c"]}, budget=3000)
+    text = "".join(out)
+    assert guide.truncated and lm.room() == 0 and max(len(d) for d in out) <= MAX_DELTA_CHARS
+    assert big.startswith(text[len('{"c": "'):]) and len(text) > 1000
+
+
+def test_enum_of_huge_values_is_cut_without_building_them_whole():
+    huge = ["a" * 2_000_000, "b" * 3_000_000]
+    out, lm, guide = run({"type": "object", "properties": {"e": {"enum": huge}}, "required": ["e"]}, budget=100)
+    assert guide.truncated and lm.room() == 0
+    assert "".join(out).startswith('{"e": "a') and max(len(d) for d in out) <= MAX_DELTA_CHARS
+
+
+def test_tight_budget_closes_values_early_and_stays_valid():
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string", "minLength": 3}, "tags": {"type": "array", "items": {"type": "string"}},
+        "n": {"type": "integer", "minimum": 4}, "opt": {"type": "string"}}, "required": ["name", "tags", "n"]}
+    lm = FakeLM(0)
+    need = minimal_tokens(lm, schema)
+    squeezed = 0
+    for seed in range(20):
+        out, lm, guide = run(schema, seed, budget=need + 3, quote_bias=-3)  # the model likes long strings
+        jsonschema.validate(json.loads("".join(out)), schema)
+        assert len(lm.evaluated) + lm.spent <= need + 3 and not guide.truncated
+        squeezed += guide.squeezes
+    assert squeezed
+
+
+def test_decoding_pauses_before_every_evaluation():
+    lm = FakeLM(3, quote_bias=1)
+    guide = GuidedDecoder(lm, lm.vocab, softmax_sampler(3))
+    steps = guide.json_value({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"}},
+                              "required": ["a", "b"]}, lambda _t: None)
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration:
+            break
+        pauses += 1
+        assert lm.pauses == pauses  # paused inside the evaluation, before the model ran
+    assert pauses == guide.evaluations > 1
 
 
 # ---------------------------------------------------------------- parsing and scanning

@@ -304,8 +304,9 @@ async def test_manual_commit_and_g711_formats():
     await s.close()
 
 
-async def test_unknown_voice_is_rejected():
+async def test_unknown_voice_is_rejected_with_strict_names():
     s = voice_session(ScriptedLLM([]))
+    s.ctx.strict_names = True
     await s.start()
     await drain(s)
     await s.handle_text(json.dumps({"type": "session.update", "session": {"audio": {"output": {"voice": "zeus"}}}}))
@@ -314,6 +315,26 @@ async def test_unknown_voice_is_rejected():
     await send(s, {"type": "session.update", "session": {"audio": {"output": {"voice": "ALLOY"}}}})
     [ok] = await drain(s)
     assert ok["type"] == "session.updated"
+    assert ok["session"]["audio"]["output"]["voice"] == "joe"  # the voice that really speaks
+
+
+async def test_hosted_service_names_map_to_ours():
+    """Inworld's voices and transcription models apply as what we have; the rest of the update applies."""
+    s = voice_session(ScriptedLLM([]))
+    s.ctx.voice_aliases = {"clive": "alloy"}
+    await s.start()
+    await drain(s)
+    for voice in ("Dennis", "Clive"):
+        await send(s, {"type": "session.update", "session": {
+            "instructions": f"Speak as {voice}.",
+            "audio": {"input": {"transcription": {"model": "assemblyai/universal-streaming-multilingual"}},
+                      "output": {"voice": voice}}}})
+        [ok] = await drain(s)
+        assert ok["type"] == "session.updated", ok
+        assert ok["session"]["instructions"] == f"Speak as {voice}."
+        assert ok["session"]["audio"]["output"]["voice"] == "joe"
+        assert ok["session"]["audio"]["input"]["transcription"]["model"] == "fixed"
+    await s.close()
 
 
 async def test_idle_timeout_triggers_a_response_after_playback():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
 
 from ..backends.registry import LLMRegistry
@@ -13,12 +13,15 @@ from ..backends.speech_registry import load_speech_backends
 from ..config import Settings
 from ..engine import EngineContext
 from ..engine.ratelimit import RateLimiter
+from ..startup import Readiness
 from ..transports.webrtc import CallManager
+from .admission import Admission, readiness_response
 from .auth import KeyChecker, require_key
 from .calls import router as calls_router
 from .client_secrets import ClientSecrets, MemoryClientSecretStore
 from .client_secrets import router as client_secrets_router
 from .errors import install_error_handlers
+from .metrics import router as metrics_router
 from .openai_compat import router as openai_compat_router
 from .playground import install_playground
 from .realtime_ws import router as ws_router
@@ -42,34 +45,62 @@ def create_app(settings: Settings) -> FastAPI:
         turn_detector=speech.turn,
         noise=speech.noise,
         check_model=llm.validate,
+        effective_model=llm.effective,
+        voice_aliases={k.strip().lower(): v for k, v in settings.voice_aliases.items()},
+        strict_names=settings.strict_names,
         rate_limiter=RateLimiter(settings.rate_limit_requests_per_min, settings.rate_limit_tokens_per_min),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        import asyncio
+
+        # `openrealtime serve` sets `warm_start`: load the models in the background while serving.
+        warm = getattr(app.state, "warm_start", None)
+        if warm is not None:
+            app.state.readiness.begin(())  # not ready from the first request on; warm_start names the models
+        warming = asyncio.create_task(warm(app)) if warm is not None else None
         try:
             yield
         finally:
+            if warming is not None:
+                warming.cancel()
+                await asyncio.gather(warming, return_exceptions=True)
             await app.state.calls.close()
             await llm.close()
             await speech.close()
 
-    app = FastAPI(title="openrealtime", version="0.1.0", lifespan=lifespan)
+    docs = settings.api_docs  # off by default: the schema is served without a key
+    app = FastAPI(title="openrealtime", version="0.1.0", lifespan=lifespan,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
     app.state.keys = KeyChecker(settings.api_keys)
     app.state.llm = llm
     app.state.speech = speech
     app.state.engine = ctx
     app.state.calls = CallManager(settings, ctx)
+    app.state.admission = Admission(settings.max_sessions)  # WebSocket sessions + WebRTC calls on this node
+    app.state.readiness = Readiness()  # the warm start's progress, for /readyz
     app.state.client_secrets = ClientSecrets(MemoryClientSecretStore(), ttl_s=settings.client_secret_ttl_s)
     install_error_handlers(app)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "Accept"], expose_headers=["Location"])
+        # Browser apps on other origins: SDKs add headers of their own (X-OpenAI-Agents-SDK,
+        # OpenAI-Beta, X-Stainless-*), so a preflight may ask for any header. Keys travel as bearer
+        # tokens, never cookies, so no credentials mode is needed. The playground's own routes keep
+        # their same-origin check (playground.py).
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                           expose_headers=["Location"], max_age=600)
 
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """Readiness for load balancers (no key, like /healthz): 503 while models load or the server drains."""
+        return readiness_response(app.state.admission, app.state.readiness)
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models() -> dict:
@@ -88,5 +119,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(ws_router)
     app.include_router(openai_compat_router)
     app.include_router(client_secrets_router)
+    app.include_router(metrics_router)
     install_playground(app, settings)
     return app

@@ -23,6 +23,7 @@ EPHEMERAL_ROUTES = frozenset({
     ("POST", "/v1/realtime/calls/{call_id}/hangup"),  # only for a call made with the same ek (calls.py)
     ("GET", "/v1/realtime/ice-servers"),  # what a browser needs to place the call
     ("WEBSOCKET", "/v1/realtime"),
+    ("WEBSOCKET", "/api/v1/realtime/session"),  # Inworld's URL for the same WebSocket session
 })
 
 

@@ -13,7 +13,7 @@ An explicit `Accept` naming only `application/json` turns any dialect's answer i
 
 from __future__ import annotations
 
-import json
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,7 +22,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from ..engine import InvalidSessionConfig
+from ..protocol.errors import ProtocolError
+from ..protocol.limits import check_depth, loads_limited
 from ..transports.webrtc import MAX_OFFER_BYTES, CallManager, InvalidOffer, ShuttingDown
+from .admission import admission_of
 from .auth import require_key, session_key
 from .client_secrets import starting_session
 from .errors import APIError
@@ -77,18 +80,27 @@ def classify_body(content_type: str | None, body: bytes) -> Dialect:
     )
 
 
+def _check_depth(value: Any, param: str) -> None:
+    try:
+        check_depth(value)
+    except ProtocolError as exc:
+        raise APIError(400, exc.message, code=exc.code, param=param) from None
+
+
 def parse_session(value: Any) -> dict[str, Any] | None:
     """The optional `session` field, given as an object (JSON body) or JSON text (form field)."""
     if value is None or value == "":
         return None
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise APIError(400, f"'session' is not valid JSON: {exc.msg}.", code="invalid_json",
-                           param="session") from exc
+            value = loads_limited(value)
+        except ProtocolError as exc:
+            raise APIError(400, f"'session' is not valid: {exc.message}", code=exc.code,
+                           param="session") from None
         if value is None:
             return None
+    else:
+        _check_depth(value, "session")
     if not isinstance(value, dict):
         raise APIError(400, "'session' must be an object.", code="invalid_type", param="session")
     return value
@@ -105,10 +117,9 @@ def require_sdp(value: Any) -> str:
 
 def parse_json_offer(body: bytes) -> OfferRequest:
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, "We could not parse the JSON body of your request.",
-                       code="invalid_json") from exc
+        data = loads_limited(body)
+    except ProtocolError as exc:
+        raise APIError(400, exc.message, code=exc.code) from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_type")
     return OfferRequest(require_sdp(data.get("sdp")), parse_session(data.get("session")), "json")
@@ -175,23 +186,32 @@ def _manager(request: Request) -> CallManager:
 @router.post("/v1/realtime/calls")
 async def create_call(request: Request, model: str | None = None) -> Response:
     """Create a WebRTC call from an SDP offer."""
-    offer = await read_offer(request)
-    chosen_model = model
-    if offer.session and isinstance(offer.session.get("model"), str) and offer.session["model"]:
-        chosen_model = offer.session["model"]
-    # Made with an ephemeral key: start from its session config (the request's own goes over it).
-    secret = getattr(request.state, "client_secret", None)
-    session, chosen_model = starting_session(secret, offer.session, chosen_model)
-    manager = _manager(request)
+    # Admission first (429 / 503 draining), before the body is read; the slot is the call's once it
+    # starts (released when it ends), and is given back here if it never does.
+    slot = admission_of(request).reserve("webrtc")
     try:
-        call = await manager.create_call(offer.sdp, session, chosen_model, api_key=session_key(request, secret))
-    except InvalidOffer as exc:
-        raise APIError(400, str(exc), code="invalid_offer", param="sdp") from exc
-    except ShuttingDown as exc:
-        raise APIError(503, str(exc), type="server_error", code="shutting_down") from exc
-    except InvalidSessionConfig as exc:
-        raise APIError(400, exc.message, code=getattr(exc, "code", None) or "invalid_value",
-                       param=exc.param) from exc
+        offer = await read_offer(request)
+        chosen_model = model
+        if offer.session and isinstance(offer.session.get("model"), str) and offer.session["model"]:
+            chosen_model = offer.session["model"]
+        # Made with an ephemeral key: start from its session config (the request's own goes over it).
+        secret = getattr(request.state, "client_secret", None)
+        session, chosen_model = starting_session(secret, offer.session, chosen_model)
+        manager = _manager(request)
+        try:
+            call = await manager.create_call(offer.sdp, session, chosen_model, api_key=session_key(request, secret),
+                                             on_close=slot.release)
+        except InvalidOffer as exc:
+            raise APIError(400, str(exc), code="invalid_offer", param="sdp") from exc
+        except ShuttingDown as exc:
+            raise APIError(503, str(exc), type="server_error", code="shutting_down") from exc
+        except InvalidSessionConfig as exc:
+            raise APIError(400, exc.message, code=getattr(exc, "code", None) or "invalid_value",
+                           param=exc.param) from exc
+    except BaseException:
+        slot.release()
+        raise
+    slot.closer = functools.partial(call.close, "server draining")
     if secret is not None:
         request.app.state.client_secrets.claim_call(call, secret)
     headers = {"Location": f"/v1/realtime/calls/{call.id}"}

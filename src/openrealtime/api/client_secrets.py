@@ -32,7 +32,8 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..engine import EngineContext, InvalidSessionConfig, RealtimeSession
-from ..protocol.errors import from_validation_error
+from ..protocol.errors import ProtocolError, from_validation_error
+from ..protocol.limits import loads_limited
 from ..protocol.session import READ_ONLY_FIELDS, deep_merge
 from .auth import require_key, session_key
 from .errors import APIError
@@ -237,9 +238,9 @@ async def read_json_body(request: Request, limit: int = MAX_REQUEST_BYTES) -> di
     if not body.strip():
         return {}
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, "We could not parse the JSON body of your request.", code="invalid_json") from exc
+        data = loads_limited(body)
+    except ProtocolError as exc:
+        raise APIError(400, exc.message, code=exc.code) from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_type")
     return data

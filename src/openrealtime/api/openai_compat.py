@@ -42,14 +42,16 @@ from ..backends.llm import (
     ToolSpec,
     Usage,
 )
+from ..backends.openai_llm import OpenAICompatLLM
 from ..backends.speech import STTError, TranscriptDone, TTSError
 from ..engine.clauses import speakable
 from .auth import require_key
-from .errors import APIError
+from .errors import APIError, LimitedJSONRoute
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+# LimitedJSONRoute: pydantic bodies are parsed with a nesting limit (see api/errors.py).
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], route_class=LimitedJSONRoute)
 
 # OpenAI's limits.
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
@@ -66,7 +68,10 @@ _LLM_STATUS = {
     "model_closed": (503, "server_error", None),
     "upstream_rate_limited": (429, "rate_limit_error", None),
     "upstream_timeout": (504, "server_error", None),
+    "invalid_tool_choice": (400, "invalid_request_error", "tool_choice"),
 }
+# Speech-stage failures the request caused (a language or voice the model does not have).
+_SPEECH_CLIENT_ERRORS = {"unsupported_language": "language", "unknown_voice": "voice"}
 
 
 def _llm_api_error(exc: LLMError) -> APIError:
@@ -76,6 +81,10 @@ def _llm_api_error(exc: LLMError) -> APIError:
 
 
 def _speech_api_error(exc: STTError | TTSError) -> APIError:
+    if exc.code in _SPEECH_CLIENT_ERRORS:
+        return APIError(400, str(exc), code=exc.code, param=_SPEECH_CLIENT_ERRORS[exc.code])
+    if exc.code == "upstream_timeout":
+        return APIError(504, str(exc), type="server_error", code=exc.code)
     if exc.code == "upstream_rate_limited":
         return APIError(429, str(exc), type="rate_limit_error", code=exc.code)
     status = 502 if exc.code.startswith("upstream_") else 500
@@ -100,7 +109,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI's
     n: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     tools: list[dict[str, Any]] | None = None
@@ -139,6 +148,9 @@ def _to_messages(raw: list[dict[str, Any]]) -> list[ChatMessage]:
         content = _content_text(m.get("content"), f"{param}.content")
         calls = None
         if role == "assistant" and m.get("tool_calls"):
+            if not isinstance(m["tool_calls"], list):
+                raise APIError(400, "tool_calls must be a list of tool calls.", code="invalid_type",
+                               param=f"{param}.tool_calls")
             calls = []
             for j, call in enumerate(m["tool_calls"]):
                 fn = call.get("function") if isinstance(call, dict) else None
@@ -161,12 +173,18 @@ def _to_messages(raw: list[dict[str, Any]]) -> list[ChatMessage]:
 def _tools(req: ChatCompletionRequest) -> tuple[list[ToolSpec], str]:
     specs = []
     for i, tool in enumerate(req.tools or []):
-        fn = tool.get("function") if isinstance(tool, dict) else None
+        fn = tool.get("function")
         if tool.get("type") != "function" or not isinstance(fn, dict) or not fn.get("name"):
             raise APIError(400, "Only function tools with a name are supported.", code="invalid_value",
                            param=f"tools[{i}]")
-        specs.append(ToolSpec(name=str(fn["name"]), description=fn.get("description"),
-                              parameters=fn.get("parameters")))
+        description, parameters = fn.get("description"), fn.get("parameters")
+        if description is not None and not isinstance(description, str):
+            raise APIError(400, "A tool's description must be a string.", code="invalid_type",
+                           param=f"tools[{i}].function.description")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise APIError(400, "A tool's parameters must be a JSON Schema object.", code="invalid_type",
+                           param=f"tools[{i}].function.parameters")
+        specs.append(ToolSpec(name=str(fn["name"]), description=description, parameters=parameters))
     choice = req.tool_choice
     if choice is None:
         name = "auto"
@@ -175,7 +193,8 @@ def _tools(req: ChatCompletionRequest) -> tuple[list[ToolSpec], str]:
             raise APIError(400, f"Invalid tool_choice {choice!r}.", code="invalid_value", param="tool_choice")
         name = choice
     else:
-        name = str((choice.get("function") or {}).get("name") or "")
+        fn = choice.get("function")
+        name = str(fn.get("name") or "") if isinstance(fn, dict) else ""
         if not name:
             raise APIError(400, "tool_choice needs function.name.", code="invalid_value",
                            param="tool_choice.function.name")
@@ -255,17 +274,20 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
                        param="response_format")
     messages = _to_messages(body.messages)
     tools, tool_choice = _tools(body)
+    try:
+        backend = await request.app.state.llm.resolve(body.model or None)
+    except LLMError as exc:
+        raise _llm_api_error(exc) from None
+    seed = body.seed
+    if seed is not None and seed < 0 and not isinstance(backend, OpenAICompatLLM):
+        seed += 2**64  # the local sampler's numpy generator takes only non-negative seeds
     defaults = GenerationParams()
     params = GenerationParams(
         temperature=defaults.temperature if body.temperature is None else body.temperature,
         top_p=defaults.top_p if body.top_p is None else body.top_p,
         max_tokens=body.max_completion_tokens or body.max_tokens,
-        seed=body.seed, tools=tools, tool_choice=tool_choice,
+        seed=seed, tools=tools, tool_choice=tool_choice,
     )
-    try:
-        backend = await request.app.state.llm.resolve(body.model or None)
-    except LLMError as exc:
-        raise _llm_api_error(exc) from None
     completion_id = "chatcmpl-" + secrets.token_hex(12)
     created = int(time.time())
     model = body.model or getattr(backend, "name", "")
@@ -386,10 +408,12 @@ async def transcriptions(
     if len(data) > MAX_UPLOAD_BYTES:
         raise APIError(413, f"The audio file is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB.",
                        code="file_too_large", param="file")
+    max_s = request.app.state.settings.transcription_max_duration_s
     try:
-        pcm = await asyncio.to_thread(decode_audio, data, file.filename, rate=stt.sample_rate)
+        pcm = await asyncio.to_thread(decode_audio, data, file.filename, rate=stt.sample_rate,
+                                      max_duration_s=max_s)
     except AudioDecodeError as exc:
-        raise APIError(400, str(exc), code="invalid_audio", param="file") from None
+        raise APIError(400, str(exc), code=exc.code, param="file") from None
     duration = len(pcm) / 2 / stt.sample_rate
     done: TranscriptDone | None = None
     try:

@@ -2,36 +2,82 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+
 from fastapi import APIRouter, WebSocket
 
 from ..engine import InvalidSessionConfig, RealtimeSession
 from ..transports.websocket import serve_websocket
+from .admission import Slot, admission_of
 from .auth import authenticate_session, session_key
 from .client_secrets import starting_session
 from .errors import APIError, error_response
 
 router = APIRouter()
+log = logging.getLogger(__name__)
+
+
+@router.websocket("/api/v1/realtime/session")
+async def inworld_websocket(ws: WebSocket, key: str | None = None, protocol: str | None = None,
+                            model: str | None = None) -> None:
+    """Inworld's documented URL (`?key=<session id>&protocol=realtime`, Basic or Bearer auth).
+
+    `key` is the client's own name for the session (not a credential): it is logged, so an
+    operator can match a client's logs to ours. The session is the same as on `/v1/realtime`.
+    """
+    if protocol not in (None, "realtime"):
+        await ws.send_denial_response(error_response(APIError(
+            400, f"Unsupported protocol '{protocol}'; this server speaks 'realtime'.",
+            code="unsupported_parameter", param="protocol")))
+        return
+    await realtime_websocket(ws, model=model, call_id=None, client_session=key)
 
 
 @router.websocket("/v1/realtime")
-async def realtime_websocket(ws: WebSocket, model: str | None = None, call_id: str | None = None) -> None:
-    """Authenticate during the handshake (401 before upgrading), then hand over to the transport."""
+async def realtime_websocket(ws: WebSocket, model: str | None = None, call_id: str | None = None,
+                             client_session: str | None = None) -> None:
+    """Authenticate during the handshake (401 before upgrading), then hand over to the transport.
+
+    Admission (429 at `max_sessions`, 503 while draining) is decided after authentication, so only
+    a client with a key learns how busy the server is; the slot is held until the session ends.
+    """
+    slot: Slot | None = None
     try:
-        secret = await authenticate_session(ws)
-        if call_id is not None:
-            raise APIError(400, "Sideband connections to WebRTC calls (call_id) are not supported yet.",
-                           code="unsupported_parameter", param="call_id")
-        # Opened with an ephemeral key: the session starts from the key's session config.
-        initial, model = starting_session(secret, None, model)
         try:
-            session = RealtimeSession(ws.app.state.engine, transport="websocket", initial_session=initial,
-                                      model=model, api_key=session_key(ws, secret))
-        except InvalidSessionConfig as exc:
-            raise APIError(400, exc.message, code=exc.code, param=exc.param) from exc
-    except APIError as exc:
-        await ws.send_denial_response(error_response(exc))
-        return
-    # Browsers pass the key as a subprotocol next to "realtime"; echo the one they expect back.
-    offered = ws.scope.get("subprotocols") or []
-    await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
-    await serve_websocket(ws, session)
+            secret = await authenticate_session(ws)
+            if call_id is not None:
+                raise APIError(400, "Sideband connections to WebRTC calls (call_id) are not supported yet.",
+                               code="unsupported_parameter", param="call_id")
+            slot = admission_of(ws).reserve("websocket")
+            # Opened with an ephemeral key: the session starts from the key's session config.
+            initial, model = starting_session(secret, None, model)
+            try:
+                session = RealtimeSession(ws.app.state.engine, transport="websocket", initial_session=initial,
+                                          model=model, api_key=session_key(ws, secret))
+            except InvalidSessionConfig as exc:
+                raise APIError(400, exc.message, code=exc.code, param=exc.param) from exc
+        except APIError as exc:
+            await ws.send_denial_response(error_response(exc))
+            return
+        if client_session:
+            log.info("websocket session %s is the client's session %r", session.id, client_session[:128])
+        # Browsers pass the key as a subprotocol next to "realtime"; echo the one they expect back.
+        offered = ws.scope.get("subprotocols") or []
+        try:
+            await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
+        except BaseException:  # the client went away during the handshake: the session never ran
+            await session.close()
+            raise
+        slot.closer = functools.partial(_close_for_drain, ws)
+        await serve_websocket(ws, session)
+    finally:
+        if slot is not None:
+            slot.release()
+
+
+async def _close_for_drain(ws: WebSocket) -> None:
+    """Close frame 1001 (going away): the session's own loop sees the disconnect and ends it as usual."""
+    with contextlib.suppress(RuntimeError):  # already closing (the client or the session went first)
+        await ws.close(code=1001, reason="server shutting down")

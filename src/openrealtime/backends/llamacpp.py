@@ -2,9 +2,15 @@
 
 Concurrency model: one model and one llama context per backend instance, shared by every session
 that uses that model. All llama.cpp work of the process (loading, prompt evaluation, generation,
-freeing) runs on a single compute thread fed by a FIFO queue, so concurrent sessions are served one
-after another (a voice reply is short, and on a 2-core CPU two generations at once would not be
-faster overall). Serving several sequences in one batch is a possible later improvement.
+freeing) runs on a single compute thread. Generations take turns on it: each is a generator that
+pauses before every llama_decode call, and a generation that has had the model for a time slice
+(``_SLICE_S``) while others wait goes to the back of the line. One long or hostile request therefore
+delays another session's first token by about one slice plus that session's own prompt, not by
+its whole length. The llama context holds a single KV sequence, so switching between two requests
+of the same model copies the KV cache of the one that pauses out to memory and back when it
+resumes (``llama_state_seq_get/set_data``: a few milliseconds, against seconds to evaluate the
+prompt again, which stays the fallback). Serving several sequences in one batch is a possible later
+improvement.
 
 Why one thread for everything: ggml computes with OpenMP, which keeps a thread team per calling
 thread. As soon as more OpenMP threads exist than cores (two calling threads x 2 threads), libgomp
@@ -14,6 +20,11 @@ stops spin-waiting between parallel regions and decoding becomes 3-4x slower (me
 ``asyncio.Queue`` fed with ``call_soon_threadsafe``. Leaving the stream early (``aclose()``, task
 cancellation) sets a flag that the compute thread checks between tokens; a request abandoned while
 still queued never runs.
+
+Every token a response writes counts against its budget: ``max_tokens``, or when that is None
+(``max_output_tokens: "inf"``) ``max_output_tokens`` of the backend (4096 by default, the hosted
+API's limit), and never more than the context has left. That includes schema-guided tool calls
+(see ``tool_calling``): a schema demanding more than the budget is cut with finish "length".
 
 Each backend remembers the token sequence that is in its KV cache. A new request whose prompt
 extends the previous one (the next turn of the same conversation) only evaluates the new suffix,
@@ -37,7 +48,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -62,6 +74,7 @@ from openrealtime.backends.tool_calling import (
     TOOL_CALL_OPEN,
     CallScanner,
     GuidedDecoder,
+    Steps,
     TokenVocab,
     could_start_name,
     new_call_id,
@@ -87,6 +100,16 @@ _BATCH_CHECK_TEXT = (
 # Largest logit difference accepted between batched and small-batch evaluation (normal kernel
 # differences are ~0.3; broken kernels give >10).
 _BATCH_CHECK_TOLERANCE = 2.0
+# Output tokens of a response without max_tokens (``"inf"``): the hosted API's model limit.
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
+# How long a generation keeps the compute thread while others wait (see the module doc), and at
+# least this many times what switching to it cost (so that switches stay a small part of the time
+# even when a paused request's prompt must be evaluated again).
+_SLICE_S = 0.25
+_SLICE_PER_SWITCH_COST = 4
+# Most memory a backend spends on KV caches of paused requests (~23-28 KB per token for the bundled
+# models); beyond it a paused request's prompt is evaluated again when it resumes.
+_SAVED_KV_BYTES = 1 << 30
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -143,6 +166,12 @@ class _Native:
         self.n_ctx_train = bind("llama_n_ctx_train", [vp], i32)
         self.n_vocab = bind("llama_n_vocab", [vp], i32)
         self.model_desc = bind("llama_model_desc", [vp, ctypes.c_char_p, ctypes.c_size_t], i32)
+        # KV cache of one sequence to memory and back. Recent ik_llama.cpp takes a trailing flags
+        # argument (0: everything); builds without it ignore the extra register argument.
+        size_t = ctypes.c_size_t
+        self.state_seq_get_size = bind("llama_state_seq_get_size", [vp, i32, u32], size_t)
+        self.state_seq_get_data = bind("llama_state_seq_get_data", [vp, vp, size_t, i32, u32], size_t)
+        self.state_seq_set_data = bind("llama_state_seq_set_data", [vp, vp, size_t, i32, u32], size_t)
 
         # Route llama.cpp's chatter (hundreds of lines per load) to logging instead of stderr.
         # The callback object must stay referenced for the life of the process.
@@ -289,7 +318,8 @@ class _Stop(Exception):
 class _Cursor:
     """The running request's view of the model for guided decoding (``tool_calling.LanguageModel``).
 
-    Counts every token added after the prompt (sampled or forced) against the request's budget.
+    Counts every token added after the prompt (sampled, forced, or only counted) against the
+    request's budget.
     """
 
     def __init__(self, backend: LlamaCppBackend, req: _Request, max_new: int):
@@ -301,17 +331,23 @@ class _Cursor:
     def tokenize(self, text: str) -> list[int]:
         return self.backend._tokenize(text, add_bos=False)
 
-    def evaluate(self, tokens: list[int]) -> bool:
-        if self.backend._stopped(self.req):
-            raise _Stop
-        if self.n_gen + len(tokens) > self.max_new:
-            return False
+    def room(self) -> int:
+        return self.max_new - self.n_gen
+
+    def evaluate(self, tokens: list[int]) -> Iterator[None]:
+        if len(tokens) > self.room():
+            raise LLMError("guided decoding went over the token budget")  # a decoder bug, never the client's
         b = self.backend
         for start in range(0, len(tokens), b._eval_chunk):
+            yield from b._checkpoint(self.req)
             chunk = tokens[start:start + b._eval_chunk]
             b._decode(chunk, len(b._cached), want_logits=start + len(chunk) == len(tokens))
         self.n_gen += len(tokens)
-        return True
+
+    def spend(self, n: int) -> None:
+        if not 0 <= n <= self.room():
+            raise LLMError("guided decoding went over the token budget")
+        self.n_gen += n
 
     def logits(self) -> np.ndarray:
         return self.backend._logits()
@@ -324,6 +360,11 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[LLMEvent | BaseException]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Compute-thread state while it takes turns with other requests of the same model:
+    threads: tuple[int, int] | None = None  # llama.cpp thread counts it wants (None: the backend's)
+    saved: tuple[Any, int] | None = None  # its KV cache (buffer, bytes), copied out while others run
+    saved_tokens: list[int] | None = None  # the tokens of that cache
+    finished: bool = False
 
     def emit(self, item: LLMEvent | BaseException) -> None:
         """Hand an event to the consumer's loop; a closed loop means nobody is listening anymore."""
@@ -333,14 +374,28 @@ class _Request:
             self.cancelled.set()
 
 
+@dataclass(eq=False)
+class _Task:
+    """A generation on the compute thread: runs until its next pause (before a llama_decode)."""
+
+    steps: Iterator[None]
+
+
 class _ComputeThread:
-    """The single thread that makes every computing llama.cpp call in this process (see module doc)."""
+    """The single thread that makes every computing llama.cpp call in this process (see module doc).
+
+    Jobs (load, free, small calls) run as they arrive, between the steps of generations; the
+    generations take turns in time slices.
+    """
 
     _instance: _ComputeThread | None = None
     _guard = threading.Lock()
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], None] | _Task] = queue.SimpleQueue()
+        self.slice_s = _SLICE_S
+        self.switches = 0  # generations sent to the back of the line for a waiting one
+        self._switch_cost = 0.0  # seconds the running step spent restoring model state
         self._thread = threading.Thread(target=self._run, name="llama-compute", daemon=True)
         self._thread.start()
 
@@ -352,8 +407,13 @@ class _ComputeThread:
             return cls._instance
 
     def submit(self, job: Callable[[], None]) -> None:
-        """Queue a job (FIFO); it must handle its own errors."""
+        """Queue a job; it must handle its own errors."""
         self._jobs.put(job)
+
+    def start(self, steps: Iterator[None]) -> None:
+        """Queue a generation (a generator pausing before each model evaluation; it must handle its
+        own errors). It shares the thread with the others in time slices."""
+        self._jobs.put(_Task(steps))
 
     def call(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn`` on the compute thread and wait for its result (blocking: not on the event loop)."""
@@ -379,11 +439,51 @@ class _ComputeThread:
         self.submit(job)
         return future
 
+    def charge(self, seconds: float) -> None:
+        """Record time the running step spent switching model state (it lengthens that turn)."""
+        self._switch_cost += seconds
+
     def _run(self) -> None:
+        ready: deque[_Task] = deque()
+        head: _Task | None = None
+        since = turn = 0.0
         while True:
-            job = self._jobs.get()
+            self._take(ready, block=not ready)
+            if not ready:
+                continue
+            task = ready[0]
+            first = task is not head
+            if first:
+                head, since = task, time.monotonic()
+            self._switch_cost = 0.0
             try:
-                job()
+                next(task.steps)
+            except StopIteration:
+                ready.popleft()
+                continue
+            except BaseException:
+                logger.exception("llama.cpp generation failed")
+                ready.popleft()
+                continue
+            if first:
+                turn = max(self.slice_s, _SLICE_PER_SWITCH_COST * self._switch_cost)
+            if len(ready) > 1 and time.monotonic() - since >= turn:
+                ready.rotate(-1)  # the longest-waiting generation goes next
+                self.switches += 1
+
+    def _take(self, ready: deque[_Task], block: bool) -> None:
+        """Run the jobs that arrived and line up the new generations."""
+        while True:
+            try:
+                item = self._jobs.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if isinstance(item, _Task):
+                ready.append(item)
+                continue
+            try:
+                item()
             except BaseException:
                 logger.exception("llama.cpp job failed")
 
@@ -395,8 +495,11 @@ class LlamaCppBackend:
     """A GGUF model served from the process-wide llama.cpp compute thread; implements ``LLMBackend``."""
 
     def __init__(self, path: str | Path, *, n_ctx: int = 4096, n_threads: int = 0, name: str | None = None,
-                 n_threads_batch: int = 0, flash_attn: bool | None = None, check_batching: bool = True):
+                 n_threads_batch: int = 0, flash_attn: bool | None = None, check_batching: bool = True,
+                 max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS):
         """Load the model (blocking, ~0.3-2 s for the bundled models): call it off the event loop.
+
+        ``max_output_tokens`` bounds a response that sets no ``max_tokens``.
 
         ``n_threads`` (token generation) defaults to all cores but one. ggml's threads spin-wait on
         each other, so when another busy thread (TTS, STT) takes one of their cores, generation
@@ -407,6 +510,7 @@ class LlamaCppBackend:
         """
         self.path = Path(path)
         self.name = name or self.path.stem
+        self.max_output_tokens = max(1, max_output_tokens)
         self._compute = _ComputeThread.get()
         self._native = self._compute.call(_Native.get)
         self._model: int | None = None
@@ -417,8 +521,13 @@ class LlamaCppBackend:
         self._vocab: TokenVocab | None = None  # token classes for guided decoding, built on first use
         self._model_lock = threading.Lock()  # count_tokens (any thread) vs. freeing the model
         self._closed = False
+        self._owner: _Request | None = None  # the request whose tokens are in the KV cache
+        self._saved_bytes = 0  # KV caches of paused requests held in memory
+        self._threads = (0, 0)  # llama.cpp thread counts currently set on the context
         # Counters for diagnostics: requests finished, abandoned mid-way, and dropped while queued.
         self.stats = {"completed": 0, "cancelled": 0, "skipped": 0}
+        # Taking turns: KV caches copied out and back in (or evaluated again), and the time it took.
+        self.swaps = {"saved": 0, "restored": 0, "evaluated_again": 0, "seconds": 0.0}
         t0 = time.monotonic()
         try:
             self._compute.call(
@@ -460,6 +569,7 @@ class LlamaCppBackend:
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads_batch
         cparams.flash_attn = self.flash_attn
+        self._threads = (self.n_threads, self.n_threads_batch)
         ctx = C.llama_init_from_model(model, cparams)
         if not ctx:
             raise LLMError(f"llama.cpp could not create a context for {self.path}", code="model_load_failed")
@@ -578,7 +688,7 @@ class LlamaCppBackend:
         if self._closed:
             raise LLMError("The model is closed", code="model_closed")
         req = _Request(list(messages), params, asyncio.get_running_loop(), asyncio.Queue())
-        self._compute.submit(lambda: self._serve(req))
+        self._compute.start(self._serve(req))
         try:
             while True:
                 item = await req.events.get()
@@ -625,22 +735,101 @@ class LlamaCppBackend:
 
     # --- compute thread ---
 
-    def _serve(self, req: _Request) -> None:
-        """Compute-thread job for one request."""
+    def _serve(self, req: _Request) -> Iterator[None]:
+        """Compute-thread generation for one request (pauses before each llama_decode)."""
         if req.cancelled.is_set():
+            req.finished = True
             self.stats["skipped"] += 1
             return
         try:
             self._check_open()
-            if self._generate(req):
-                self.stats["completed"] += 1
-            else:
+            self._activate(req)
+            if not (yield from self._generate(req)):
                 self.stats["cancelled"] += 1
         except LLMError as exc:
             req.emit(exc)
         except Exception as exc:
             logger.exception("Generation failed")
             req.emit(LLMError(f"Generation failed: {exc}"))
+        finally:
+            req.finished = True
+            self._drop_saved(req)
+
+    def _checkpoint(self, req: _Request) -> Iterator[None]:
+        """Where the compute thread may give the model to another request: just before a decode,
+        so that no logits are needed from before the pause. Afterwards the request stops if it was
+        abandoned, else gets its KV cache back."""
+        yield
+        if self._stopped(req):
+            raise _Stop
+        self._activate(req)
+
+    def _activate(self, req: _Request) -> None:
+        """Make the model state the request's own (after other requests of this model ran)."""
+        owner = self._owner
+        if owner is not req:
+            if owner is not None and not owner.finished and not owner.cancelled.is_set() and owner.saved_tokens is None:
+                self._save(owner)
+            if req.saved_tokens is not None:
+                self._restore(req)
+            self._owner = req
+        threads = req.threads or (self.n_threads, self.n_threads_batch)
+        if threads != self._threads:
+            self._native.set_n_threads(self._ctx, *threads)
+            self._threads = threads
+
+    def _save(self, req: _Request) -> None:
+        """Copy the KV cache of a request that pauses out to memory (within `_SAVED_KV_BYTES`)."""
+        t0 = time.monotonic()
+        req.saved_tokens = list(self._cached)
+        req.saved = None
+        if self._cached:
+            native = self._native
+            size = native.state_seq_get_size(self._ctx, 0, 0)
+            if 0 < size <= _SAVED_KV_BYTES - self._saved_bytes:
+                buf = (ctypes.c_uint8 * size)()
+                n = native.state_seq_get_data(self._ctx, buf, size, 0, 0)
+                if 0 < n <= size:
+                    req.saved = (buf, n)
+                    self._saved_bytes += size
+        self.swaps["saved"] += 1
+        self._swap_time(time.monotonic() - t0)
+
+    def _swap_time(self, seconds: float) -> None:
+        self.swaps["seconds"] += seconds
+        self._compute.charge(seconds)
+
+    def _drop_saved(self, req: _Request) -> tuple[Any, int] | None:
+        saved, req.saved = req.saved, None
+        if saved is not None:
+            self._saved_bytes -= len(saved[0])
+        return saved
+
+    def _restore(self, req: _Request) -> None:
+        """Put a request's saved KV cache back; evaluate its tokens again if there is none."""
+        t0 = time.monotonic()
+        tokens = req.saved_tokens or []
+        saved = self._drop_saved(req)
+        req.saved_tokens = None
+        self._reset_cache()
+        if saved is not None and self._native.state_seq_set_data(self._ctx, saved[0], saved[1], 0, 0) > 0:
+            self._cached = tokens
+            self.swaps["restored"] += 1
+        else:
+            self._reset_cache()
+            for start in range(0, len(tokens), self._eval_chunk):
+                chunk = tokens[start:start + self._eval_chunk]
+                self._decode(chunk, start, want_logits=start + len(chunk) == len(tokens))
+            if tokens:
+                self.swaps["evaluated_again"] += 1
+        self._swap_time(time.monotonic() - t0)
+
+    def _set_threads(self, req: _Request, n_threads_batch: int) -> None:
+        """The request's batch thread count from now on (kept across turns with other requests)."""
+        req.threads = (self.n_threads, n_threads_batch)
+        if self._ctx and not self._closed and req.threads != self._threads:
+            self._native.set_n_threads(self._ctx, *req.threads)
+            self._threads = req.threads
 
     def _check_open(self) -> None:
         if self._closed:
@@ -697,8 +886,8 @@ class LlamaCppBackend:
             n = self._native.token_to_piece(self._model, token, buf, len(buf), 0, False)
         return buf.raw[:n] if n > 0 else b""
 
-    def _generate(self, req: _Request) -> bool:
-        """Run one request; False if the consumer went away before it finished."""
+    def _generate(self, req: _Request) -> Steps[bool]:
+        """Run one request (counted in `stats` as completed); False if the consumer went away first."""
         t0 = time.monotonic()
         params = req.params
         tools, forced = _offered_tools(params)
@@ -730,35 +919,35 @@ class LlamaCppBackend:
                 common = 0
         cached_tokens = common
 
-        for start in range(common, n_prompt, self._eval_chunk):
-            if self._stopped(req):
-                return False
-            chunk = tokens[start:start + self._eval_chunk]
-            self._decode(chunk, start, want_logits=start + len(chunk) == n_prompt)
-        t_prompt = time.monotonic()
-
-        budget = n_ctx - n_prompt
-        max_new = budget if params.max_tokens is None else min(max(params.max_tokens, 0), budget)
-        rng = np.random.default_rng(params.seed) if params.seed is not None else self._rng
-        cursor = _Cursor(self, req, max_new)
-        finish: str = "length"
         try:
+            for start in range(common, n_prompt, self._eval_chunk):
+                yield from self._checkpoint(req)
+                chunk = tokens[start:start + self._eval_chunk]
+                self._decode(chunk, start, want_logits=start + len(chunk) == n_prompt)
+            t_prompt = time.monotonic()
+
+            cap = self.max_output_tokens if params.max_tokens is None else max(params.max_tokens, 0)
+            max_new = min(cap, n_ctx - n_prompt)
+            rng = np.random.default_rng(params.seed) if params.seed is not None else self._rng
+            cursor = _Cursor(self, req, max_new)
             if forced is not None:
                 # tool_choice "required" or a named function: the reply is a call, whatever the model.
-                self._tool_calls(req, cursor, rng, tools, forced or None, single=True,
-                                 opening=TOOL_CALL_OPEN + CALL_PREFIX)
-                finish = "tool_calls"
+                cut = yield from self._tool_calls(req, cursor, rng, tools, forced or None, single=True,
+                                                  opening=TOOL_CALL_OPEN + CALL_PREFIX)
+                finish = "length" if cut else "tool_calls"
             else:
-                finish = self._free_text(req, cursor, rng, tools)
+                finish = yield from self._free_text(req, cursor, rng, tools)
         except _Stop:
             return False
         n_gen = cursor.n_gen
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, cached_tokens=cached_tokens)
+        self.stats["completed"] += 1  # before the consumer can see the end
         req.emit(Finished(finish_reason=finish, usage=usage))  # type: ignore[arg-type]
         self._log_request(n_prompt, cached_tokens, n_gen, finish, t0, t_prompt)
         return True
 
-    def _free_text(self, req: _Request, cursor: _Cursor, rng: np.random.Generator, tools: list[ToolSpec]) -> str:
+    def _free_text(self, req: _Request, cursor: _Cursor, rng: np.random.Generator,
+                   tools: list[ToolSpec]) -> Steps[str]:
         """Sample text; with tools offered, a ``<tool_call>`` in the output switches to guided calls."""
         params = req.params
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -786,6 +975,7 @@ class LlamaCppBackend:
             if text:
                 req.emit(TextDelta(text))
             if cursor.n_gen < max_new:
+                yield from self._checkpoint(req)
                 self._decode([token], len(self._cached), want_logits=True)
             if opening is not None and scanner is not None and scanner.bare and not self._names_a_tool(
                     scanner, tools, cursor.n_gen < max_new):
@@ -799,9 +989,9 @@ class LlamaCppBackend:
                 offset, pos = next((o, p) for o, p in reversed(starts) if o <= opening)
                 self._rollback(pos)
                 lead = scanner.text[offset:opening]
-                self._tool_calls(req, cursor, rng, tools, None, single=False,
-                                 opening=lead + TOOL_CALL_OPEN + CALL_PREFIX)
-                return "tool_calls"
+                cut = yield from self._tool_calls(req, cursor, rng, tools, None, single=False,
+                                                  opening=lead + TOOL_CALL_OPEN + CALL_PREFIX)
+                return "length" if cut else "tool_calls"
         # An incomplete UTF-8 sequence left at a length cut is dropped rather than shown as U+FFFD.
         if scanner is not None and (held := scanner.flush()):
             req.emit(TextDelta(held))  # the start of a marker that never completed
@@ -820,10 +1010,11 @@ class LlamaCppBackend:
         return bool(piece) and could_start_name(piece, names)
 
     def _tool_calls(self, req: _Request, cursor: _Cursor, rng: np.random.Generator, tools: list[ToolSpec],
-                    name: str | None, single: bool, opening: str) -> None:
+                    name: str | None, single: bool, opening: str) -> Steps[bool]:
         """Guided ``<tool_call>`` blocks: one when forced (`single`), else as many as the model writes.
 
-        `name`: the function to call (None: the model picks among `tools`).
+        `name`: the function to call (None: the model picks among `tools`). True when the budget
+        cut the first call short (or before it began): the response is incomplete.
         """
         params = req.params
         vocab = self.token_vocab()
@@ -831,19 +1022,21 @@ class LlamaCppBackend:
         t0, n0 = time.monotonic(), cursor.n_gen
         # Forced segments are a few tokens each: evaluate them with the generation threads. With the
         # batch threads, one busy core elsewhere (TTS, STT) makes each of them take up to seconds.
-        self._native.set_n_threads(self._ctx, self.n_threads, self.n_threads)
+        self._set_threads(req, self.n_threads)
         try:
-            index = self._guided_calls(req, guide, tools, name, single, opening)
+            index, cut = yield from self._guided_calls(req, guide, tools, name, single, opening)
         finally:
-            self._native.set_n_threads(self._ctx, self.n_threads, self.n_threads_batch)
+            self._set_threads(req, self.n_threads_batch)
         elapsed = time.monotonic() - t0
-        logger.debug("%s: %d guided tool call(s), %d tokens (%d sampled, %d model calls) in %.2fs (%.1f tok/s)",
-                     self.name, index, cursor.n_gen - n0, guide.samples, guide.evaluations, elapsed,
+        logger.debug("%s: %d guided tool call(s)%s, %d tokens (%d sampled, %d model calls, %d squeezed by the "
+                     "budget) in %.2fs (%.1f tok/s)", self.name, index, " cut by the budget" if cut else "",
+                     cursor.n_gen - n0, guide.samples, guide.evaluations, guide.squeezes, elapsed,
                      (cursor.n_gen - n0) / max(elapsed, 1e-6))
+        return cut
 
     def _guided_calls(self, req: _Request, guide: GuidedDecoder, tools: list[ToolSpec], name: str | None,
-                      single: bool, opening: str) -> int:
-        """The call loop of `_tool_calls`; returns how many calls were emitted."""
+                      single: bool, opening: str) -> Steps[tuple[int, bool]]:
+        """The call loop of `_tool_calls`: (calls emitted, whether the first one was cut short)."""
         vocab = guide.vocab
         index = 0
         seen: set[tuple[str, str]] = set()
@@ -852,7 +1045,7 @@ class LlamaCppBackend:
         held: list[ToolCallDelta] = []
         current: dict[str, str] = {}
 
-        def on_name(function: str):
+        def on_name(function: str) -> Callable[[str], None]:
             i = index
             first = ToolCallDelta(index=i, call_id=new_call_id(), name=function)
             current.update(name=function, args="")
@@ -871,22 +1064,30 @@ class LlamaCppBackend:
             return args
 
         while True:
-            hurried = guide.hurry
-            guide.tool_call(tools, name, on_name, opening=opening)
+            squeezes = guide.squeezes
+            yield from guide.tool_call(tools, name, on_name, opening=opening)
+            squeezed = guide.squeezes > squeezes  # the budget shortened this call
+            more = False
+            if not single and index + 1 < MAX_CALLS_PER_RESPONSE:
+                more = yield from guide.another_call(vocab.eog)  # commits this call's end first
+            if not more:
+                guide.finish()  # the call's last text: counted and shown, never evaluated
+            if index == 0 and (guide.truncated or not current):
+                return 0 if not current else 1, True
             key = (current.get("name", ""), current.get("args", ""))
             if index > 0:
-                if key in seen or (guide.hurry and not hurried):
-                    logger.debug("%s: dropped a repeated or truncated extra tool call %s", self.name, key[0])
+                if key in seen or guide.truncated or squeezed:
+                    logger.debug("%s: dropped a repeated or budget-shortened extra tool call %s", self.name, key[0])
                     break
                 for delta in held:
                     req.emit(delta)
                 held.clear()
             seen.add(key)
             index += 1
-            if single or index >= MAX_CALLS_PER_RESPONSE or not guide.another_call(vocab.eog):
+            if not more:
                 break
             opening = CALL_PREFIX
-        return index
+        return index, False
 
     def _log_request(self, n_prompt: int, cached: int, n_gen: int, finish: str, t0: float,
                      t_prompt: float) -> None:

@@ -47,7 +47,8 @@ class ChatMessage:
 @dataclass(slots=True)
 class GenerationParams:
     temperature: float = 0.8
-    # None = as many as fit in the context.
+    # Every output token counts, tool-call markup and schema-forced text included. None ("inf"):
+    # the backend's own cap (llama.cpp: 4096, the hosted API's limit), within the context.
     max_tokens: int | None = None
     top_p: float = 0.95
     top_k: int = 40

@@ -74,6 +74,16 @@ async def read_error(response: httpx.Response, who: str) -> UpstreamFailure:
                            {"retry_after": retry_after} if status == 429 and retry_after else None)
 
 
+def malformed_response(who: str, problem: str) -> UpstreamFailure:
+    """An answer of the wrong shape (a chunk with ``choices: 7``, a count that is a string, ...).
+
+    The upstream's fault, not the client's and not ours: an ``upstream_error`` like any other
+    upstream failure, so clients see a 502 / a failed response rather than a server error.
+    """
+    return UpstreamFailure(f"Upstream {who} sent a malformed response: {problem}", "upstream_error",
+                           details={"reason": "malformed_response"})
+
+
 def classify_status(status: int, message: str, upstream_code: str | None) -> str:
     """Our error code for an upstream HTTP failure (what clients see in status_details)."""
     if status == 429:

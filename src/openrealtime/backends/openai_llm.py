@@ -11,7 +11,9 @@ Failures become ``LLMError`` with a code the engine puts in ``response.done`` ``
 - ``upstream_rate_limited``: HTTP 429,
 - ``upstream_auth_failed``: HTTP 401/403 (wrong or missing API key),
 - ``upstream_error``: any other HTTP error status (5xx, 4xx) or an error object inside the stream,
-  the message carries the upstream status and error message, ``details`` the parsed body,
+  the message carries the upstream status and error message, ``details`` the parsed body; also a
+  chunk of the wrong shape (``choices: 7``, ``delta: "oops"``, a token count that is a string),
+  with ``details.reason`` ``malformed_response``,
 - ``context_length_exceeded``: the upstream said the prompt is too long,
 - ``upstream_timeout``: no byte for ``timeout`` seconds while waiting for the answer,
 - ``upstream_disconnected``: the stream ended before the completion did (server died mid-stream).
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -45,7 +48,14 @@ from openrealtime.backends.llm import (
     ToolSpec,
     Usage,
 )
-from openrealtime.backends.openai_http import RemoteEndpoint, UpstreamFailure, upstream_error_message
+from openrealtime.backends.openai_http import (
+    RemoteEndpoint,
+    UpstreamFailure,
+    malformed_response,
+    upstream_error_message,
+)
+from openrealtime.protocol.errors import ProtocolError
+from openrealtime.protocol.limits import loads_limited
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +72,32 @@ _FINISH_REASONS = {
     "eos": "stop",
     "eos_token": "stop",
 }
+
+
+class _Malformed(ValueError):
+    """A chunk field of the wrong type; becomes ``malformed_response`` (an upstream_error)."""
+
+
+def _token_count(value: Any, field: str) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise _Malformed(f"usage.{field} is {value!r:.50}, not a token count")
+    return int(value)
+
+
+def _usage(raw: Any) -> Usage:
+    if not isinstance(raw, dict):
+        raise _Malformed(f"usage is {type(raw).__name__}, not an object")
+    details = raw.get("prompt_tokens_details")
+    if details is None:
+        details = {}
+    if not isinstance(details, dict):
+        raise _Malformed("usage.prompt_tokens_details is not an object")
+    return Usage(prompt_tokens=_token_count(raw.get("prompt_tokens"), "prompt_tokens"),
+                 completion_tokens=_token_count(raw.get("completion_tokens"), "completion_tokens"),
+                 cached_tokens=_token_count(details.get("cached_tokens"), "prompt_tokens_details.cached_tokens"))
+
 
 def message_to_openai(message: ChatMessage) -> dict[str, Any]:
     """One ``ChatMessage`` in chat-completions request shape."""
@@ -99,12 +135,22 @@ class _CallMap:
         self._by_upstream: dict[int, tuple[int, str | None]] = {}  # upstream index -> (ours, id)
         self._count = 0
 
-    def delta(self, call: dict[str, Any], position: int) -> ToolCallDelta:
+    def delta(self, call: Any, position: int) -> ToolCallDelta:
+        if not isinstance(call, dict):
+            raise _Malformed(f"delta.tool_calls[{position}] is {type(call).__name__}, not an object")
         upstream = call.get("index")
         if not isinstance(upstream, int):
             upstream = position
         function = call.get("function") or {}
+        if not isinstance(function, dict):
+            raise _Malformed(f"delta.tool_calls[{position}].function is not an object")
         call_id = call.get("id") or None
+        if call_id is not None and not isinstance(call_id, (str, int)):
+            raise _Malformed(f"delta.tool_calls[{position}].id is not a string")
+        call_id = None if call_id is None else str(call_id)
+        name = function.get("name")
+        if name is not None and not isinstance(name, str):
+            raise _Malformed(f"delta.tool_calls[{position}].function.name is not a string")
         arguments = function.get("arguments") or ""
         if not isinstance(arguments, str):  # a few servers send the arguments as an object
             arguments = json.dumps(arguments)
@@ -115,7 +161,7 @@ class _CallMap:
         self._count += 1
         self._by_upstream[upstream] = (index, call_id)
         return ToolCallDelta(index=index, arguments=arguments, call_id=call_id or f"call_{secrets.token_hex(12)}",
-                             name=str(function.get("name") or ""))
+                             name=name or "")
 
 
 class OpenAICompatLLM:
@@ -226,8 +272,10 @@ class OpenAICompatLLM:
                 done = True
                 return []
             try:
-                chunk = json.loads(payload)
-            except ValueError:
+                chunk = loads_limited(payload)
+            except ProtocolError as exc:
+                if exc.code == "nesting_too_deep":
+                    raise _Malformed("a chunk nests too deep") from None
                 logger.debug("%s: ignoring a non-JSON SSE event: %.200s", self.name, payload)
                 return []
             if not isinstance(chunk, dict):
@@ -238,27 +286,50 @@ class OpenAICompatLLM:
                                details={"provider": self.name, "upstream_code": upstream_code,
                                         "upstream_error": chunk["error"]})
             out: list[LLMEvent] = []
-            if isinstance(chunk.get("usage"), dict):
-                u = chunk["usage"]
-                cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                usage = Usage(prompt_tokens=int(u.get("prompt_tokens") or 0),
-                              completion_tokens=int(u.get("completion_tokens") or 0),
-                              cached_tokens=int(cached))
-            for choice in chunk.get("choices") or []:
-                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+            if chunk.get("usage") is not None:
+                usage = _usage(chunk["usage"])
+            choices = chunk.get("choices")
+            if choices is None:
+                choices = []
+            if not isinstance(choices, list):
+                raise _Malformed(f"choices is {type(choices).__name__}, not a list")
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    raise _Malformed(f"a choice is {type(choice).__name__}, not an object")
+                if choice.get("index", 0) != 0:
                     continue
-                delta = choice.get("delta") or {}
+                delta = choice.get("delta")
+                if delta is None:
+                    delta = {}
+                if not isinstance(delta, dict):
+                    raise _Malformed(f"choices[0].delta is {type(delta).__name__}, not an object")
                 text = delta.get("content")
+                if text is not None and not isinstance(text, str):
+                    raise _Malformed("choices[0].delta.content is not a string")
+                tool_calls = delta.get("tool_calls")
+                if tool_calls is None:
+                    tool_calls = []
+                if not isinstance(tool_calls, list):
+                    raise _Malformed("choices[0].delta.tool_calls is not a list")
                 if text:
-                    out.append(TextDelta(str(text)))
-                if text or delta.get("tool_calls"):
+                    out.append(TextDelta(text))
+                if text or tool_calls:
                     chunks += 1
-                for position, call in enumerate(delta.get("tool_calls") or []):
+                for position, call in enumerate(tool_calls):
                     saw_tool_calls = True
                     out.append(calls.delta(call, position))
                 if choice.get("finish_reason"):
                     finish = str(choice["finish_reason"])
             return out
+
+        def parse(payload: str) -> list[LLMEvent]:
+            try:
+                return handle(payload)
+            except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                # _Malformed, or a shape the checks above did not foresee: the upstream's fault.
+                logger.debug("%s: malformed chunk: %.200s", self.name, payload)
+                problem = str(exc) if isinstance(exc, _Malformed) else f"{type(exc).__name__}: {exc}"
+                raise malformed_response(self.name, problem) from None
 
         async for line in response.aiter_lines():
             if line.startswith(":"):  # SSE comment (keep-alive)
@@ -268,13 +339,13 @@ class OpenAICompatLLM:
                 continue
             if line == "" and data_lines:  # end of one SSE event
                 payload, data_lines = "\n".join(data_lines), []
-                for event in handle(payload):
+                for event in parse(payload):
                     yield event
                 if done:
                     break
         else:
             if data_lines:  # last event without its blank line
-                for event in handle("\n".join(data_lines)):
+                for event in parse("\n".join(data_lines)):
                     yield event
         if not done and finish is None:
             raise LLMError(f"The upstream server {self.base_url} ({self.name}) ended the stream before the "

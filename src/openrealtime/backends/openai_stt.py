@@ -9,13 +9,15 @@ The engine's 16 kHz PCM16 is sent as a WAV file (multipart form, ``response_form
 from __future__ import annotations
 
 import io
-import json
+import math
 import wave
 from collections.abc import AsyncIterator
 from typing import Any
 
-from openrealtime.backends.openai_http import RemoteEndpoint, UpstreamFailure
+from openrealtime.backends.openai_http import RemoteEndpoint, UpstreamFailure, malformed_response
 from openrealtime.backends.speech import STTError, TranscriptDelta, TranscriptDone
+from openrealtime.protocol.errors import ProtocolError
+from openrealtime.protocol.limits import loads_limited
 
 SAMPLE_RATE = 16000
 
@@ -63,17 +65,30 @@ class OpenAICompatSTT:
             raise STTError(str(exc), code=exc.code) from exc
         text = raw.decode("utf-8", "replace")
         try:
-            body: Any = json.loads(text)
-        except ValueError:
+            body: Any = loads_limited(text)
+        except ProtocolError as exc:
+            if exc.code == "nesting_too_deep":
+                raise self._malformed("the answer nests too deep") from None
             body = text  # a server that ignored response_format=json and sent plain text
         if isinstance(body, dict):
             if not isinstance(body.get("text"), str):
                 raise STTError(f"{self.name}: the transcription response has no 'text': {text[:200]}",
                                code="upstream_error")
-            yield TranscriptDone(text=body["text"].strip(), language=body.get("language") or language,
-                                 duration_s=float(body.get("duration") or duration))
+            lang = body.get("language")
+            if lang is not None and not isinstance(lang, str):
+                raise self._malformed("'language' is not a string")
+            took = body.get("duration")
+            if took is not None and (isinstance(took, bool) or not isinstance(took, (int, float))
+                                     or not math.isfinite(took) or took < 0):
+                raise self._malformed(f"'duration' is {took!r:.50}, not a number of seconds")
+            yield TranscriptDone(text=body["text"].strip(), language=lang or language,
+                                 duration_s=float(took or duration))
         else:
             yield TranscriptDone(text=str(body).strip(), language=language, duration_s=duration)
+
+    def _malformed(self, problem: str) -> STTError:
+        failure = malformed_response(self.name, problem)
+        return STTError(str(failure), code=failure.code)
 
     async def close(self) -> None:
         await self._endpoint.close()

@@ -12,6 +12,16 @@ a running one stops after the sentence in progress.
 
 The ONNX session is created here rather than by ``PiperVoice.load`` so its thread count can be
 set: the default (all cores) would fight the LLM, which generates on the other core meanwhile.
+
+Memory: the model's activations grow with the audio of one run (about 20 MB per second of speech,
+most of it in the upsampling decoder), and piper runs once per sentence as espeak-ng sees it, so
+text without sentence punctuation used to be one run: 4,096 such characters took 4.4 GB, which
+onnxruntime's CPU arena then kept for reuse. Text is therefore cut into pieces of bounded length
+(`split_text`), and a piece whose phonemes still run long (URLs, symbols read out) is cut again;
+the arena then settles at what the largest piece needs (~250 MB) and stays there. Shrinking the
+arena after every run (RunOptions ``memory.enable_memory_arena_shrinkage``) was measured and left
+out: over 100 mixed pieces it was 15-30% slower, and its peak was higher (415-452 MB against
+252 MB), as the freed blocks stay fragmented in the C heap, whose residue kept growing.
 """
 
 from __future__ import annotations
@@ -19,8 +29,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import threading
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +46,63 @@ logger = logging.getLogger(__name__)
 OPENAI_VOICE_NAMES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
 MIN_SPEED = 0.25
 MAX_SPEED = 4.0
+
+# Longest text (characters) handed to piper at once, at normal speed. Measured with the joe voice,
+# 4,096 unpunctuated characters in pieces of at most N: RSS above the loaded voice settled at
+# +214 MB (N=150), +230 MB (200), +410 MB (250), +585 MB (300); one run of 1,000 took +1.2 GB.
+# 200 characters is about 35 words or 10 s of speech, longer than most written sentences, so cuts
+# only land in run-on text, and a piece's first audio comes about 1 s after it starts.
+MAX_PIECE_CHARS = 200
+# Longest sentence (phonemes) handed to the model: 200 characters of plain English are ~230
+# phonemes, but a URL or a row of symbols is read out at up to 3x that (measured: 200 characters of
+# URL gave 669 phonemes, 36 s of audio). Such a piece is cut again until it fits.
+MAX_PIECE_PHONEMES = 300
+# Slower speech stretches every phoneme (length_scale), and memory grows with the audio, so both
+# bounds shrink with it, down to these floors.
+MIN_PIECE_CHARS = 40
+MIN_PIECE_PHONEMES = 60
+
+_SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*(?=\s)|[\u3002\uff01\uff1f]+|\n")
+_CLAUSE_END = re.compile(r"[,;:\u2014\u2013]+(?=\s)|[\u3001\uff0c\uff1b\uff1a]+")
+
+
+def split_text(text: str, max_chars: int = MAX_PIECE_CHARS) -> list[str]:
+    """Cut text into stripped pieces of at most ``max_chars`` characters, to bound synthesis memory.
+
+    Text that fits is one piece (piper still splits it into sentences itself). Longer text is cut
+    as late as possible within the bound, preferring a sentence end, then clause punctuation (not
+    in the first third, which would leave a stub), then a space; a word longer than the bound is
+    cut at the bound (never before a combining mark).
+    """
+    if max_chars < 1:
+        raise ValueError("max_chars must be positive")
+    pieces: list[str] = []
+    rest = text.strip()
+    while len(rest) > max_chars:
+        cut = _cut(rest, max_chars)
+        pieces.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    if rest:
+        pieces.append(rest)
+    return pieces
+
+
+def _cut(text: str, limit: int) -> int:
+    """Where to end the first piece of ``text`` (no leading whitespace, longer than ``limit``)."""
+    window = text[:limit + 1]  # a boundary right after the limit still gives a piece of `limit`
+    ends = [m.end() for m in _SENTENCE_END.finditer(window) if 0 < m.start() and m.end() <= limit]
+    if ends:
+        return ends[-1]
+    ends = [m.end() for m in _CLAUSE_END.finditer(window) if limit // 3 <= m.end() <= limit]
+    if ends:
+        return ends[-1]
+    for i in range(len(window) - 1, 0, -1):
+        if window[i].isspace():
+            return i
+    cut = limit
+    while cut > 1 and unicodedata.combining(text[cut]):
+        cut -= 1
+    return cut
 
 
 def piper_available() -> bool:
@@ -146,7 +215,7 @@ class PiperTTS:
     # --- synthesis ---
 
     async def synthesize(self, text: str, *, voice: str, speed: float = 1.0) -> AsyncIterator[bytes]:
-        """PCM16 mono at ``sample_rate``, one chunk per sentence, the first as soon as it exists."""
+        """PCM16 mono at ``sample_rate``, one chunk per sentence or piece, the first as soon as it exists."""
         if self.resolve_voice(voice) is None:
             known = ", ".join(v.id for v in self.voices())
             raise TTSError(f"Unknown voice {voice!r}; this server has: {known} (and the OpenAI voice names)",
@@ -171,24 +240,41 @@ class PiperTTS:
 
     def _synthesize(self, text: str, length_scale: float, emit: Callable[[Any], None],
                     cancelled: threading.Event) -> None:
+        """Piece by piece (see `split_text`), each piece's sentences emitted as piper finishes them."""
         from piper import SynthesisConfig
 
         voice = self._load()
+        config = SynthesisConfig(length_scale=length_scale)
+        stretch = max(1.0, length_scale)
+        max_chars = max(MIN_PIECE_CHARS, int(MAX_PIECE_CHARS / stretch))
+        max_phonemes = max(MIN_PIECE_PHONEMES, int(MAX_PIECE_PHONEMES / stretch))
         t0 = time.monotonic()
-        samples = 0
-        for chunk in voice.synthesize(text, syn_config=SynthesisConfig(length_scale=length_scale)):
-            pcm = chunk.audio_int16_bytes
-            if pcm and not cancelled.is_set():
-                samples += len(pcm) // 2
-                emit(pcm)
-            if cancelled.is_set():  # checked before piper starts on the next sentence
+        samples = pieces = 0
+        pending = split_text(text, max_chars)[::-1]  # a stack: the next piece is last
+        while pending:
+            if cancelled.is_set():  # checked before piper starts on the next piece
                 self.stats["cancelled"] += 1
                 return
+            piece = pending.pop()
+            longest = max(map(len, voice.phonemize(piece)), default=0)  # ~1 ms for 200 characters
+            if longest > max_phonemes and len(piece) > 1:
+                pending.extend(reversed(split_text(piece, len(piece) // 2)))
+                continue
+            pieces += 1
+            for chunk in voice.synthesize(piece, syn_config=config):
+                pcm = chunk.audio_int16_bytes
+                if pcm and not cancelled.is_set():
+                    samples += len(pcm) // 2
+                    emit(pcm)
+                if cancelled.is_set():  # checked before piper starts on the next sentence
+                    self.stats["cancelled"] += 1
+                    return
         self.stats["completed"] += 1
         if samples and logger.isEnabledFor(logging.DEBUG):
             elapsed = time.monotonic() - t0
-            logger.debug("Synthesized %.2fs of audio in %.2fs (RTF %.3f)", samples / self.sample_rate,
-                         elapsed, elapsed * self.sample_rate / samples)
+            logger.debug("Synthesized %.2fs of audio (%d characters, %d pieces) in %.2fs (RTF %.3f)",
+                         samples / self.sample_rate, len(text), pieces, elapsed,
+                         elapsed * self.sample_rate / samples)
 
     async def close(self) -> None:
         """Drop the voice after the jobs already queued (memory is freed with the last reference)."""

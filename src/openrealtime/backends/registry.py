@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -39,6 +40,9 @@ from openrealtime.backends.llm import ChatMessage, GenerationParams, LLMBackend,
 from openrealtime.config import Settings
 
 logger = logging.getLogger(__name__)
+# OpenAI's realtime model names: every OpenAI client sends one; the default model serves them
+# even with `strict_names`.
+_OPENAI_REALTIME_MODEL = re.compile(r"^gpt-[\w.-]*realtime", re.IGNORECASE)
 
 BackendFactory = Callable[..., LLMBackend]
 
@@ -134,6 +138,11 @@ class LLMRegistry:
             known = get_known_model(requested)
             if known is not None:
                 return known.name, False
+            if self._settings.strict_names and not _OPENAI_REALTIME_MODEL.match(requested) \
+                    and requested != self._settings.llm_model.strip():
+                raise LLMError(f"Unknown model '{requested}'. This server has: "
+                               f"{', '.join(m['id'] for m in self.available_models())}.",
+                               code="model_not_found", details={"model": requested})
             logger.debug("Model %r is not a local model; using the default %r", requested,
                          self._settings.llm_model)
         default = self._settings.llm_model.strip()
@@ -156,12 +165,15 @@ class LLMRegistry:
         requested = (model or "").strip()
         if requested and (is_model_path(requested) or get_known_model(requested) is not None):
             return None
-        for ref in (requested, self._settings.llm_model.strip()):
+        default = self._settings.llm_model.strip()
+        for ref in (requested, default):
             if not ref or "/" not in ref or is_model_path(ref):
                 continue
             provider, _, name = ref.partition("/")
             if provider in self._settings.providers and name:
                 return provider, name
+            if ref is requested and ref != default and not self._settings.strict_names:
+                continue  # a hosted service's name (e.g. openai/gpt-4o-mini): the default model serves it
             configured = ", ".join(sorted(self._settings.providers)) or "none"
             raise LLMError(
                 f"Unknown model '{ref}': '{provider}' is not a configured provider (configured: {configured}). "
@@ -169,6 +181,13 @@ class LLMRegistry:
                 code="model_not_found", details={"model": ref},
             )
         return None
+
+    def effective(self, model: str | None) -> str:
+        """The model that really serves a session asking for ``model`` (what session.updated shows)."""
+        route = self.remote_route(model)
+        if route is not None:
+            return "/".join(route)
+        return self._reference(model)[0]
 
     def validate(self, model: str | None) -> str | None:
         """Why a session cannot use ``model`` (an error message), or None if it can. Cheap: loads nothing."""

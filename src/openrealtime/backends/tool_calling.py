@@ -27,9 +27,19 @@ quotes) is *forced*: appended to the context without sampling. The model only ch
   an array goes on): a walk down the token trie of the allowed texts, where the model's own
   distribution restricted to the branches picks at each fork;
 
-so the output is always valid JSON that matches the schema, and every loop is bounded, so it always
-terminates, even on a 135M-parameter model. If the token budget (``max_output_tokens`` or the
-context) runs out mid-call, the rest is completed with minimal valid values without the model.
+so the output is always valid JSON that matches the schema, and every loop is bounded.
+
+The token budget (``max_output_tokens``, the context, the server's cap) holds for everything
+written, forced text included. Before each decision the decoder keeps enough budget for the
+shortest valid completion of every open value and makes the model wrap up (close the string, skip
+optional properties, end the array) when that is all that is left; the call is then complete and
+valid. A schema whose minimum does not fit at all (``minItems: 100000``) is decoded as usual and
+cut where the budget ends: the call is incomplete (``finish_reason`` "length"). Long forced text
+(fillers for ``minLength``, a huge ``const``) is never built whole and reaches the consumer in
+pieces of at most ``MAX_DELTA_CHARS``.
+
+Decoding is a generator (:data:`Steps`) that pauses before each model evaluation, so that one
+compute thread can interleave several requests (see the llama.cpp backend).
 
 Supported JSON-Schema subset: ``type`` object / string / number / integer / boolean / array /
 null (a list of types uses its first non-null entry), ``properties``, ``required`` (always
@@ -49,9 +59,9 @@ import logging
 import math
 import re
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import numpy as np
 
@@ -74,6 +84,17 @@ MAX_DEPTH = 8
 MAX_CALLS_PER_RESPONSE = 8
 # Integer ranges up to this size are chosen like an enum (so minimum/maximum hold).
 SMALL_INT_RANGE = 64
+# Longest piece of arguments text handed on at once: a forced 10 MB literal still streams.
+MAX_DELTA_CHARS = 256
+# Tokens kept in hand at each model decision beyond the shortest completion of the open values
+# (tokenization at the seams of separately written pieces can differ by a token or two).
+BUDGET_MARGIN = 2
+# Characters tokenized at once when committing long forced text (and the longest text whose
+# tokens are counted exactly when planning the budget).
+_CHUNK = 4096
+# Minimal values of containers nested deeper than this are empty (recursive schemas terminate).
+_MINIMAL_DEPTH = 2 * MAX_DEPTH
+_HUGE = 1 << 40
 
 _VALUE_END_CHARS = frozenset(",}] \t\r\n")
 
@@ -304,6 +325,8 @@ class TokenVocab:
         n = len(pieces)
         self.size = n
         self.pieces = list(pieces)
+        # Longest token in bytes: N bytes of text are at least N / max_piece tokens.
+        self.max_piece = max((len(p) for p in self.pieces), default=1) or 1
         bad = np.zeros(n, dtype=bool)
         bad[list(unusable)] = True
         string_safe, quote, terminator, number, any_text = [], [], [], [], []
@@ -345,16 +368,45 @@ class TokenVocab:
 
 # --------------------------------------------------------------------------- guided decoding
 
+_T = TypeVar("_T")
+
+Steps = Generator[None, None, _T]
+"""Decoding work that pauses (``yield``) right before each evaluation by the model, so that the
+caller can let other requests use the model first, and returns its result at the end."""
+
+Sink = Callable[[str], None]
+
+
+def drive(steps: Steps[_T]) -> _T:
+    """Run decoding steps to the end without pausing (nobody to share the model with)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
 
 class LanguageModel(Protocol):
-    """What the guided decoder needs from a model (the llama.cpp backend, or a fake in tests)."""
+    """What the guided decoder needs from a model (the llama.cpp backend, or a fake in tests).
+
+    Every token of the output counts against the budget (``room``), whether the model chose it,
+    the schema forced it, or it was only counted because nothing is sampled after it.
+    """
 
     def tokenize(self, text: str) -> list[int]:
         """Tokens of a piece of text in the middle of a turn (no BOS)."""
         ...
 
-    def evaluate(self, tokens: list[int]) -> bool:
-        """Append tokens to the context; False (and nothing appended) if the budget is exhausted."""
+    def room(self) -> int:
+        """Tokens left in the response's budget."""
+        ...
+
+    def evaluate(self, tokens: list[int]) -> Iterator[None]:
+        """Append at most ``room()`` tokens to the context and count them; may pause (see `Steps`)."""
+        ...
+
+    def spend(self, n: int) -> None:
+        """Count ``n`` (at most ``room()``) output tokens that are never evaluated: no decision follows them."""
         ...
 
     def logits(self) -> np.ndarray:
@@ -365,79 +417,513 @@ class LanguageModel(Protocol):
 Sampler = Callable[[np.ndarray], int]  # logits -> index into them
 
 
-class _Hurry(Exception):
-    pass
+class _Cut(Exception):
+    """The budget ended: what fitted was committed, nothing more is written."""
+
+
+class _Lazy:
+    """Text known by its UTF-8 size and produced piece by piece.
+
+    Minimal values and fillers can be far longer than any budget (``minItems: 100000``,
+    ``minLength: 10000000``), so they are never built whole: only the part that fits is produced.
+    """
+
+    __slots__ = ("_make", "size")
+
+    def __init__(self, size: int, make: Callable[[], Iterator[str]]) -> None:
+        self.size = size
+        self._make = make
+
+    def pieces(self) -> Iterator[str]:
+        return self._make()
+
+
+Text = str | _Lazy
+
+
+def _size(text: Text) -> int:
+    return text.size if isinstance(text, _Lazy) else len(text.encode())
+
+
+def _pieces(text: Text) -> Iterator[str]:
+    return text.pieces() if isinstance(text, _Lazy) else iter((text,))
+
+
+def _repeat(char: str, count: int) -> _Lazy:
+    def make() -> Iterator[str]:
+        full, rest = divmod(count, _CHUNK)
+        for _ in range(full):
+            yield char * _CHUNK
+        if rest:
+            yield char * rest
+    return _Lazy(count * len(char.encode()), make)
+
+
+def _prefix(parts: Iterable[Text], limit: int) -> str:
+    """About the first `limit` characters of the concatenated parts."""
+    out: list[str] = []
+    n = 0
+    for part in parts:
+        for piece in _pieces(part):
+            out.append(piece[:limit - n])
+            n += len(out[-1])
+            if n >= limit:
+                return "".join(out)
+    return "".join(out)
+
+
+@dataclass(slots=True)
+class _Seg:
+    """Pending output: forced text (``tokens`` None, tokenized when committed), or tokens the model
+    sampled with the text they show. `sink` receives the text (None: not shown, e.g. markup);
+    `closes` marks the end of the value being written."""
+
+    tokens: list[int] | None
+    text: Text
+    sink: Sink | None
+    closes: bool = False
+
+
+class _Minimal:
+    """The shortest valid JSON text of schemas (sharing one `$ref` root), sized without building it."""
+
+    def __init__(self, root: dict[str, Any]) -> None:
+        self.root = root
+        self._sizes: dict[tuple[int, int], tuple[Any, int]] = {}
+
+    def text(self, schema: Any, depth: int) -> _Lazy:
+        return _Lazy(self.size(schema, depth), lambda: self.pieces(schema, depth))
+
+    def _shape(self, schema: Any, depth: int) -> tuple[str, Any]:
+        s = resolve_schema(schema, self.root)
+        if "const" in s:
+            return "text", json.dumps(s["const"], ensure_ascii=False)
+        if isinstance(s.get("enum"), list) and s["enum"]:
+            return "text", json.dumps(s["enum"][0], ensure_ascii=False)
+        kind = schema_type(s)
+        if kind == "object":
+            if depth >= _MINIMAL_DEPTH:
+                return "text", "{}"
+            props, keys, required = object_keys(s)
+            fields = [k for k in keys if k in required]
+            return "object", [(("" if i == 0 else ", ") + json.dumps(k, ensure_ascii=False) + ": ", props.get(k, {}))
+                              for i, k in enumerate(fields)]
+        if kind == "array":
+            count = _int(s.get("minItems"), 0)
+            if count == 0 or depth >= _MINIMAL_DEPTH:
+                return "text", "[]"
+            return "array", (array_items(s), count)
+        if kind in ("integer", "number"):
+            return "text", json.dumps(minimal_number(s, integer=kind == "integer"))
+        if kind == "boolean":
+            return "text", "false"
+        if kind == "null":
+            return "text", "null"
+        return "string", _int(s.get("minLength"), 0)
+
+    def size(self, schema: Any, depth: int) -> int:
+        """UTF-8 length of ``pieces(schema, depth)``, saturating at a huge value."""
+        key = (id(schema), depth)
+        hit = self._sizes.get(key)
+        if hit is not None and hit[0] is schema:
+            return hit[1]
+        kind, data = self._shape(schema, depth)
+        if kind == "text":
+            n = len(data.encode())
+        elif kind == "string":
+            n = 2 + data
+        elif kind == "object":
+            n = 2 + sum(len(p.encode()) + self.size(c, depth + 1) for p, c in data)
+        else:
+            item, count = data
+            n = 2 + count * (self.size(item, depth + 1) + 2) - 2
+        n = min(n, _HUGE)
+        self._sizes[key] = (schema, n)  # the schema is kept so that its id stays unique
+        return n
+
+    def pieces(self, schema: Any, depth: int) -> Iterator[str]:
+        kind, data = self._shape(schema, depth)
+        if kind == "text":
+            yield data
+        elif kind == "string":
+            yield '"'
+            yield from _repeat("x", data).pieces()
+            yield '"'
+        elif kind == "object":
+            yield "{"
+            for prefix, child in data:
+                yield prefix
+                yield from self.pieces(child, depth + 1)
+            yield "}"
+        else:
+            item, count = data
+            yield "["
+            for i in range(count):
+                if i:
+                    yield ", "
+                yield from self.pieces(item, depth + 1)
+            yield "]"
+
+
+class _Frame:
+    """An open value of the output, and the text that would close it soonest."""
+
+    def rest(self, close: bool = True) -> list[Text]:
+        """That text; without the frame's own closing bracket if not `close`."""
+        raise NotImplementedError
+
+
+class _ObjectFrame(_Frame):
+    def __init__(self, minimal: _Minimal, props: dict[str, Any], todo: list[str], depth: int) -> None:
+        self.minimal, self.props, self.todo, self.depth = minimal, props, todo, depth
+        self.first = True  # no property written yet
+
+    def rest(self, close: bool = True) -> list[Text]:
+        out: list[Text] = []
+        first = self.first
+        for key in self.todo:
+            out.append(("" if first else ", ") + json.dumps(key, ensure_ascii=False) + ": ")
+            out.append(self.minimal.text(self.props.get(key, {}), self.depth + 1))
+            first = False
+        if close:
+            out.append("}")
+        return out
+
+
+class _ArrayFrame(_Frame):
+    def __init__(self, minimal: _Minimal, item: Any, depth: int) -> None:
+        self.minimal, self.item, self.depth = minimal, item, depth
+        self.required = 0  # items the array must have
+        self.started = 0  # items begun so far
+
+    def rest(self, close: bool = True) -> list[Text]:
+        out: list[Text] = []
+        left, first = self.required - self.started, self.started == 0
+        if left > 0:
+            one = self.minimal.size(self.item, self.depth + 1)
+            size = min(left * (one + 2) - (2 if first else 0), _HUGE)
+            out.append(_Lazy(size, lambda: self._items(left, first)))
+        if close:
+            out.append("]")
+        return out
+
+    def _items(self, left: int, first: bool) -> Iterator[str]:
+        for i in range(left):
+            if i or not first:
+                yield ", "
+            yield from self.minimal.pieces(self.item, self.depth + 1)
+
+
+class _StringFrame(_Frame):
+    def __init__(self, min_len: int) -> None:
+        self.min_len = min_len
+        self.length = 0  # characters written
+
+    def rest(self, close: bool = True) -> list[Text]:
+        need = self.min_len - self.length
+        return [_repeat("x", need), '"'] if need > 0 else ['"']
+
+
+class _NumberFrame(_Frame):
+    def __init__(self, empty: str) -> None:
+        self.empty = empty  # the minimal number, while nothing is written
+        self.text = ""
+
+    def rest(self, close: bool = True) -> list[Text]:
+        tail = _complete_number(self.text) if self.text else self.empty
+        return [tail] if tail else []
 
 
 class GuidedDecoder:
-    """Forces JSON structure and lets the model fill in the values (see the module doc)."""
+    """Forces JSON structure and lets the model fill in the values (see the module doc).
+
+    The budget: every committed token counts (``LanguageModel.room``). Before each model decision
+    the decoder checks that, after it, the shortest valid completion of everything still open fits
+    in what is left (plus `BUDGET_MARGIN`); options that do not fit are not offered, and when only
+    the shortest completion fits, it is written at once (`squeezes` counts such decisions). When not
+    even that fits (a schema whose minimum is larger than the budget), decoding goes on as usual
+    and is cut where the budget ends: ``cut`` is set, and ``truncated`` if the value was unfinished.
+    Text reaches the sinks when its tokens are committed, in pieces of at most `MAX_DELTA_CHARS`.
+    """
 
     def __init__(self, lm: LanguageModel, vocab: TokenVocab, sample: Sampler):
         self.lm = lm
         self.vocab = vocab
         self._sample = sample
-        self._pending: list[int | str] = []
-        self.hurry = False  # the budget is exhausted: complete everything without the model
+        self._pending: list[_Seg] = []
+        self._pending_bytes = 0  # upper bound of the pending text's UTF-8 size
+        self._frames: list[_Frame] = []
+        self._sink: Sink | None = None
+        self._open = False  # a value has begun and is not committed to its end yet
+        self.cut = False  # the budget ended
+        self.truncated = False  # ... in the middle of a value
+        self.squeezes = 0  # decisions the budget made for the model
         self.hint = ""  # what the model wanted right after the last value it closed
-        self._emit: Callable[[str], None] | None = None
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._tok_cache: dict[str, list[int]] = {}
         self._root: dict[str, Any] = {}
+        self._minimal = _Minimal({})
         # Model decisions (sampled tokens, including ones that only ended a value) and evaluation calls.
         self.samples = 0
         self.evaluations = 0
 
-    # ---- primitives
+    # ---- committing output
 
     def _tokens(self, text: str) -> list[int]:
         toks = self._tok_cache.get(text)
         if toks is None:
-            toks = self._tok_cache[text] = self.lm.tokenize(text)
+            toks = self.lm.tokenize(text)
+            if len(text) <= 256:
+                self._tok_cache[text] = toks
         return toks
 
-    def force(self, text: str, emit: bool = True) -> None:
-        """Append fixed text (evaluated lazily, together with what follows, before the next sample)."""
-        if not text:
+    def force(self, text: Text, emit: bool = True) -> None:
+        """Append fixed text (committed together with what follows, before the next decision)."""
+        if isinstance(text, str):
+            if not text:
+                return
+            if len(text) > _CHUNK:
+                text = _Lazy(len(text.encode()), lambda t=text: iter((t,)))  # type: ignore[misc]
+        elif text.size == 0:
             return
         self.hint = ""
-        if self._pending and isinstance(self._pending[-1], str):
-            self._pending[-1] += text
+        sink = self._sink if emit else None
+        last = self._pending[-1] if self._pending else None
+        if (isinstance(text, str) and last is not None and last.tokens is None and last.sink is sink
+                and isinstance(last.text, str) and len(last.text) < _CHUNK):
+            last.text += text
         else:
-            self._pending.append(text)
-        if emit and self._emit is not None:
-            self._emit(text)
+            self._pending.append(_Seg(None, text, sink))
+        self._pending_bytes += _size(text)
+        if self._pending_bytes > (self.lm.room() + 1) * self.vocab.max_piece:
+            # Certainly more than the budget: stop piling up forced text (loops of 10**5 items).
+            tokens = self._commit()
+            self._cut(len(tokens))
 
-    def _accept(self, tok: int, emit: bool = True) -> None:
-        self._pending.append(tok)
-        if emit and self._emit is not None:
-            text = self._utf8.decode(self.vocab.pieces[tok])
-            if text:
-                self._emit(text)
+    def _accept(self, tok: int) -> None:
+        """Keep a token the model sampled."""
+        sink = self._sink
+        text = self._utf8.decode(self.vocab.pieces[tok]) if sink is not None else ""
+        self._pending.append(_Seg([tok], text, sink))
+        self._pending_bytes += 1
 
-    def flush(self) -> None:
-        """Evaluate everything pending; on an exhausted budget switch to hurry mode."""
-        if not self._pending or self.hurry:
-            return
-        tokens: list[int] = []
-        for seg in self._pending:
-            if isinstance(seg, str):
-                tokens.extend(self.lm.tokenize(seg))
-            else:
-                tokens.append(seg)
+    def _show(self, text: str, emit: bool) -> None:
+        """Show `text` once the tokens before it are committed (the chosen text of `choose`)."""
+        if emit and self._sink is not None and text:
+            self._pending.append(_Seg([], text, self._sink))
+
+    def _end_value(self) -> None:
+        self._pending.append(_Seg([], "", None, closes=True))
+
+    def _cut(self, counted: int) -> NoReturn:
+        self.lm.spend(counted)
         self._pending.clear()
-        if not tokens:
-            return
-        self.evaluations += 1
-        if not self.lm.evaluate(tokens):
-            self.hurry = True
+        self._pending_bytes = 0
+        self.cut = True
+        self.truncated = self.truncated or self._open
+        raise _Cut
 
-    def sample(self, allowed: np.ndarray) -> int | None:
-        """The model's pick among `allowed` token ids (None in hurry mode)."""
-        if self.hurry or len(allowed) == 0:
-            return None
-        self.flush()
-        if self.hurry:
-            return None
+    def _commit(self) -> list[int]:
+        """Count the pending output against the budget and show its text; returns its tokens.
+
+        When the budget ends first, the part that fits is counted and shown, and `_Cut` is raised.
+        """
+        room = self.lm.room()
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        tokens: list[int] = []
+        out: list[tuple[Sink, str]] = []
+        complete = True
+        i = 0
+        while complete and i < len(pending):
+            seg = pending[i]
+            if seg.tokens is not None:
+                if len(tokens) + len(seg.tokens) > room:
+                    complete = False
+                    break
+                tokens.extend(seg.tokens)
+                if seg.sink is not None and seg.text:
+                    out.append((seg.sink, seg.text))  # type: ignore[arg-type]
+                if seg.closes:
+                    self._open = False
+                i += 1
+                continue
+            j = i
+            while j < len(pending) and pending[j].tokens is None:
+                j += 1
+            complete = self._commit_run(pending[i:j], room, tokens, out)
+            i = j
+        self._send(out)
+        if not complete:
+            self._cut(len(tokens))
+        return tokens
+
+    def _commit_run(self, run: list[_Seg], room: int, tokens: list[int], out: list[tuple[Sink, str]]) -> bool:
+        """Tokenize consecutive forced texts as one (in chunks when long); False if the budget ends."""
+        buf: list[tuple[_Seg, str]] = []
+        chars = 0
+
+        def take() -> bool:
+            toks = self.lm.tokenize("".join(p for _, p in buf))
+            left = room - len(tokens)
+            fits = len(toks) <= left
+            if not fits:
+                toks = toks[:max(left, 0)]
+            tokens.extend(toks)
+            shown = len(b"".join(self.vocab.pieces[t] for t in toks).decode("utf-8", "ignore")) if not fits \
+                else _HUGE
+            for seg, piece in buf:
+                k = min(len(piece), shown)
+                shown -= k
+                if k and seg.sink is not None:
+                    out.append((seg.sink, piece[:k]))
+            return fits
+
+        for seg in run:
+            for piece in _pieces(seg.text):
+                for start in range(0, len(piece), _CHUNK):
+                    part = piece[start:start + _CHUNK]
+                    buf.append((seg, part))
+                    chars += len(part)
+                    if chars >= _CHUNK:
+                        if not take():
+                            return False
+                        buf.clear()
+                        chars = 0
+        return take() if buf else True
+
+    @staticmethod
+    def _send(out: list[tuple[Sink, str]]) -> None:
+        merged: list[tuple[Sink, list[str]]] = []
+        for sink, text in out:
+            if merged and merged[-1][0] is sink:
+                merged[-1][1].append(text)
+            else:
+                merged.append((sink, [text]))
+        for sink, parts in merged:
+            text = "".join(parts)
+            for k in range(0, len(text), MAX_DELTA_CHARS):
+                sink(text[k:k + MAX_DELTA_CHARS])
+
+    def _flush(self) -> Steps[None]:
+        if self._pending:
+            tokens = self._commit()
+            if tokens:
+                self.evaluations += 1
+                yield from self.lm.evaluate(tokens)
+
+    def flush(self) -> Steps[None]:
+        """Commit and evaluate everything pending (the model goes on after it)."""
+        try:
+            yield from self._flush()
+        except _Cut:
+            pass
+
+    def finish(self) -> None:
+        """The output ends here: commit what is pending without evaluating it."""
+        if not self._pending:
+            return
+        try:
+            self.lm.spend(len(self._commit()))
+        except _Cut:
+            pass
+
+    # ---- the budget
+
+    def _tail(self, close: bool = True) -> list[Text]:
+        """The shortest text that closes every open value (without the innermost closer if not `close`)."""
+        out: list[Text] = []
+        for i, frame in enumerate(reversed(self._frames)):
+            out.extend(frame.rest(close or i > 0))
+        return out
+
+    def _count(self, parts: list[Text], room: int) -> int:
+        """Tokens of the concatenated parts: exact when short, else estimated from a sample."""
+        size = sum(_size(p) for p in parts)
+        if size == 0:
+            return 0
+        if size <= _CHUNK:
+            return len(self.lm.tokenize(_prefix(parts, _CHUNK)))
+        lower = -(-size // self.vocab.max_piece)
+        if lower > room:
+            return lower
+        sample = _prefix(parts, _CHUNK)
+        return -(-len(self.lm.tokenize(sample)) * size // max(1, len(sample.encode())))
+
+    def _cost(self, room: int, sampled: int = 0, after: Sequence[Text] = (), join: bool = False) -> int:
+        """Tokens to commit what is pending, then `sampled` model tokens, then the text `after`
+        (in one run with the pending text when `join`: forced with no decision in between).
+
+        A cheap upper bound is returned when that already fits in `room` with the margin.
+        """
+        tokens = 0
+        runs: list[list[Text]] = []
+        run: list[Text] | None = None
+        for seg in self._pending:
+            if seg.tokens is None:
+                if run is None:
+                    run = []
+                    runs.append(run)
+                run.append(seg.text)
+            else:
+                tokens += len(seg.tokens)
+                run = None
+        if after:
+            if join and run is not None:
+                run.extend(after)
+            else:
+                runs.append(list(after))
+        quick = tokens + sampled + sum(_size(t) for r in runs for t in r)
+        if quick + BUDGET_MARGIN <= room:
+            return quick
+        return tokens + sampled + sum(self._count(r, room) for r in runs)
+
+    def _more(self) -> bool:
+        """Before one more token of a string or number: True to sample it, False to close the value
+        now because afterwards the shortest completion would no longer fit."""
+        room = self.lm.room()
+        tail = self._tail()
+        if self._cost(room, 1, tail) + BUDGET_MARGIN <= room:
+            return True
+        if self._cost(room, 0, tail, join=True) <= room:
+            self.squeezes += 1
+            return False
+        return True  # not even the shortest completion fits: write on until the budget ends
+
+    def _affordable(self, candidates: Sequence[str], extras: Sequence[Sequence[Text]] | None,
+                    closer: int | None, avoid: int | None) -> list[int]:
+        """The candidates `choose` may offer (see the class doc); `avoid` only if nothing else fits."""
+        room = self.lm.room()
+        tails = {True: self._tail(), False: self._tail(close=False) if closer is not None else []}
+        limit = (room + 1) * self.vocab.max_piece
+
+        def after(i: int) -> list[Text]:
+            return [*(extras[i] if extras else ()), *tails[i != closer]]
+
+        everything = [i for i, c in enumerate(candidates) if len(c) <= limit]
+        if not everything:
+            return [0]  # every option is longer than the whole budget: written as it is, and cut
+        walk = {i: self._cost(room, len(self._tokens(candidates[i])), after(i)) for i in everything}
+        fit = [i for i in everything if walk[i] + BUDGET_MARGIN <= room]
+        if not fit:
+            forced = {i: self._cost(room, 0, [candidates[i], *after(i)], join=True) for i in everything}
+            best = min(everything, key=forced.__getitem__)
+            if forced[best] <= room:
+                self.squeezes += 1
+                return [best]
+            fit = everything  # the budget cannot be met anyway
+        elif len(fit) < len(candidates):
+            self.squeezes += 1
+        if avoid in fit and len(fit) > 1:
+            fit.remove(avoid)  # type: ignore[arg-type]
+        return fit
+
+    # ---- model decisions
+
+    def sample(self, allowed: np.ndarray) -> Steps[int]:
+        """The model's pick among `allowed` token ids (after committing what is pending)."""
+        yield from self._flush()
+        if self.lm.room() < 1:
+            self._cut(0)
         logits = self.lm.logits()
         self.samples += 1
         sub = np.asarray(logits[allowed], dtype=np.float32)
@@ -445,17 +931,26 @@ class GuidedDecoder:
             return int(allowed[0])
         return int(allowed[self._sample(sub)])
 
-    def choose(self, candidates: Sequence[str], emit: bool = True, end: np.ndarray | None = None) -> int:
+    def choose(self, candidates: Sequence[str], emit: bool = True, end: np.ndarray | None = None,
+               extras: Sequence[Sequence[Text]] | None = None, closer: int | None = None,
+               avoid: int | None = None) -> Steps[int]:
         """Index of the candidate text the model picks, walking their token trie.
 
         A candidate whose tokens are a prefix of another's ends when the model samples one of
         `end` (default: value terminators); that token is not kept. The chosen text is emitted.
+        For the budget: `extras[i]` is the shortest text candidate i commits to after itself, and
+        `closer` the candidate that closes the innermost open value; `avoid` is left out when
+        others are possible (the model already said it wants to go on).
         """
         if len(candidates) == 1:
             self.force(candidates[0], emit)
             return 0
-        seqs = [self._tokens(c) for c in candidates]
-        alive = list(range(len(candidates)))
+        options = self._affordable(candidates, extras, closer, avoid)
+        if len(options) == 1:
+            self.force(candidates[options[0]], emit)
+            return options[0]
+        seqs = {i: self._tokens(candidates[i]) for i in options}
+        alive = options
         depth = 0
         end_ids = self.vocab.terminator if end is None else end
         while True:
@@ -470,229 +965,255 @@ class GuidedDecoder:
             if len(children) == 1 and not complete:
                 tok = next(iter(children))
             else:
-                allowed = np.fromiter(children, dtype=np.int64)
+                allowed = np.fromiter(children, dtype=np.int64, count=len(children))
                 if complete:
                     allowed = np.concatenate([allowed, end_ids])
-                tok = self.sample(allowed)  # type: ignore[assignment]
-                if tok is None:  # hurry: the first alive candidate, completed without the model
-                    chosen = complete[0] if complete else alive[0]
-                    self._pending.extend(seqs[chosen][depth:])
-                    break
+                tok = yield from self.sample(allowed)
                 if tok not in children:
                     chosen = complete[0]
-                    text = self.vocab.text[tok] or ""
-                    self.hint = text
-                    if emit and self._emit is not None:
-                        self._emit(candidates[chosen])
+                    self._show(candidates[chosen], emit)
+                    self.hint = self.vocab.text[tok] or ""
                     return chosen
-            self._pending.append(tok)
+            self._pending.append(_Seg([tok], "", None))
+            self._pending_bytes += 1
             alive = children[tok]
             depth += 1
+        self._show(candidates[chosen], emit)
         self.hint = ""
-        if emit and self._emit is not None:
-            self._emit(candidates[chosen])
         return chosen
 
     # ---- JSON values
 
-    def value(self, schema: Any, lead: str = "", depth: int = 0) -> None:
+    def value(self, schema: Any, lead: str = "", depth: int = 0) -> Steps[None]:
         """Emit one JSON value matching `schema`, preceded by `lead` (whitespace)."""
-        schema = self._resolve(schema)
-        if self.hurry or depth > MAX_DEPTH:
-            self.force(lead + json.dumps(minimal_value(schema, self._root), ensure_ascii=False))
+        raw = schema
+        schema = resolve_schema(schema, self._root)
+        if depth > MAX_DEPTH:
+            self.force(lead)
+            self.force(self._minimal.text(raw, depth))
             return
         if "const" in schema:
             self.force(lead + json.dumps(schema["const"], ensure_ascii=False))
             return
         if isinstance(schema.get("enum"), list) and schema["enum"]:
-            self.choose([lead + json.dumps(v, ensure_ascii=False) for v in schema["enum"]])
+            yield from self.choose([lead + json.dumps(v, ensure_ascii=False) for v in schema["enum"]])
             return
         kind = schema_type(schema)
         if kind == "object":
-            self._object(schema, lead, depth)
+            yield from self._object(schema, lead, depth)
         elif kind == "array":
-            self._array(schema, lead, depth)
+            yield from self._array(schema, lead, depth)
         elif kind in ("integer", "number"):
-            self._number(schema, lead, integer=kind == "integer")
+            yield from self._number(schema, lead, integer=kind == "integer")
         elif kind == "boolean":
-            self.choose([lead + "true", lead + "false"])
+            yield from self.choose([lead + "true", lead + "false"])
         elif kind == "null":
             self.force(lead + "null")
         else:
-            self._string(schema, lead)
+            yield from self._string(schema, lead)
 
-    def _resolve(self, schema: Any, hops: int = 0) -> dict[str, Any]:
-        if not isinstance(schema, dict):
-            return {}
-        ref = schema.get("$ref")
-        if isinstance(ref, str) and hops < MAX_DEPTH:
-            target = resolve_ref(self._root, ref)
-            if target is not None:
-                merged = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
-                return self._resolve(merged, hops + 1)
-        for key in ("anyOf", "oneOf"):
-            options = schema.get(key)
-            if isinstance(options, list) and options and "type" not in schema:
-                usable = [o for o in options if isinstance(o, dict) and o.get("type") != "null"]
-                base = {k: v for k, v in schema.items() if k != key}
-                return self._resolve({**base, **(usable or options)[0]}, hops + 1)
-        return schema
-
-    def _string(self, schema: dict[str, Any], lead: str) -> None:
+    def _string(self, schema: dict[str, Any], lead: str) -> Steps[None]:
         min_len = _int(schema.get("minLength"), 0)
         max_len = _int(schema.get("maxLength"), 1 << 30)
         self.force(lead + '"')
+        frame = _StringFrame(min_len)
+        self._frames.append(frame)
         n = 0
-        for _ in range(MAX_STRING_TOKENS):
-            if n >= max_len:
-                break
-            allowed = self.vocab.string_or_quote if n >= min_len else self.vocab.string_safe
-            tok = self.sample(allowed)
-            if tok is None:
-                break
-            if self.vocab.is_quote(tok):
-                self.force('"')
-                self.hint = (self.vocab.text[tok] or '"')[1:]
-                return
-            text = self.vocab.text[tok] or ""
-            if n + len(text) > max_len:
-                break
-            self._accept(tok)
-            n += len(text)
+        try:
+            for _ in range(MAX_STRING_TOKENS):
+                if n >= max_len:
+                    break
+                frame.length = n
+                if not self._more():
+                    break
+                allowed = self.vocab.string_or_quote if n >= min_len else self.vocab.string_safe
+                tok = yield from self.sample(allowed)
+                if self.vocab.is_quote(tok):
+                    self.force('"')
+                    self.hint = (self.vocab.text[tok] or '"')[1:]
+                    return
+                text = self.vocab.text[tok] or ""
+                if n + len(text) > max_len:
+                    break
+                self._accept(tok)
+                n += len(text)
+        finally:
+            self._frames.pop()
         if n < min_len:
-            self.force("x" * (min_len - n))
+            self.force(_repeat("x", min_len - n))  # streamed and cut by the budget like any text
         self.force('"')
 
-    def _number(self, schema: dict[str, Any], lead: str, integer: bool) -> None:
+    def _number(self, schema: dict[str, Any], lead: str, integer: bool) -> Steps[None]:
         lo, hi = schema.get("minimum"), schema.get("maximum")
         if integer and _is_num(lo) and _is_num(hi) and 0 <= hi - lo <= SMALL_INT_RANGE:
             values = list(range(math.ceil(lo), math.floor(hi) + 1))
             if values:
-                self.choose([f"{lead}{v}" for v in values])
+                yield from self.choose([f"{lead}{v}" for v in values])
                 return
         negative_ok = not (_is_num(lo) and lo >= 0)
         self.force(lead)
+        frame = _NumberFrame(json.dumps(minimal_number(schema, integer)))
+        self._frames.append(frame)
         text = ""
-        while len(text) < MAX_NUMBER_CHARS:
-            cands = [t for t in self.vocab.number
-                     if _number_prefix_ok(text + (self.vocab.text[t] or ""), integer, negative_ok)]
-            complete = _number_complete(text, integer)
-            if not cands:
-                break
-            allowed = np.asarray(cands, dtype=np.int64)
-            if complete:
-                allowed = np.concatenate([allowed, self.vocab.terminator])
-            tok = self.sample(allowed)
-            if tok is None:
-                break
-            if self.vocab.is_terminator(tok) and complete:
-                self.hint = (self.vocab.text[tok] or "").lstrip()
-                return
-            self._accept(tok)
-            text += self.vocab.text[tok] or ""
-        if not _number_complete(text, integer):
+        try:
+            while len(text) < MAX_NUMBER_CHARS:
+                cands = [t for t in self.vocab.number
+                         if _number_prefix_ok(text + (self.vocab.text[t] or ""), integer, negative_ok)]
+                complete = _number_complete(text, integer)
+                if not cands:
+                    break
+                frame.text = text
+                if not self._more():
+                    break
+                allowed = np.asarray(cands, dtype=np.int64)
+                if complete:
+                    allowed = np.concatenate([allowed, self.vocab.terminator])
+                tok = yield from self.sample(allowed)
+                if self.vocab.is_terminator(tok) and complete:
+                    self.hint = (self.vocab.text[tok] or "").lstrip()
+                    return
+                self._accept(tok)
+                text += self.vocab.text[tok] or ""
+        finally:
+            self._frames.pop()
+        if not text:
+            self.force(frame.empty)
+        elif not _number_complete(text, integer):
             self.force(_complete_number(text))
 
-    def _object(self, schema: dict[str, Any], lead: str, depth: int) -> None:
-        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        required = [k for k in schema.get("required", []) if isinstance(k, str)] \
-            if isinstance(schema.get("required"), list) else []
-        keys = list(props) + [k for k in required if k not in props]
+    def _object(self, schema: dict[str, Any], lead: str, depth: int) -> Steps[None]:
+        props, keys, required = object_keys(schema)
         self.force(lead + "{")
-        first = True
-        for key in keys:
-            if key in required:
-                self.force(("" if first else ", ") + json.dumps(key, ensure_ascii=False) + ":")
-                self.value(props.get(key, {}), " ", depth + 1)
-                first = False
-        optional = [k for k in keys if k not in required]
-        while optional and not self.hurry:
-            hint, self.hint = self.hint, ""
-            if hint.startswith("}"):
-                break
-            cands = [("" if first else ", ") + json.dumps(k, ensure_ascii=False) + ":" for k in optional]
-            if not hint.startswith(","):
-                cands.append("}")
-            i = self.choose(cands)
-            if i == len(optional):
-                return  # the model closed the object
-            key = optional.pop(i)
-            self.value(props.get(key, {}), " ", depth + 1)
-            first = False
-        self.force("}")
+        frame = _ObjectFrame(self._minimal, props, [k for k in keys if k in required], depth)
+        self._frames.append(frame)
+        try:
+            while frame.todo:
+                key = frame.todo.pop(0)
+                self.force(("" if frame.first else ", ") + json.dumps(key, ensure_ascii=False) + ":")
+                frame.first = False
+                yield from self.value(props.get(key, {}), " ", depth + 1)
+            optional = [k for k in keys if k not in required]
+            while optional:
+                hint, self.hint = self.hint, ""
+                if hint.startswith("}"):
+                    break
+                sep = "" if frame.first else ", "
+                cands = [sep + json.dumps(k, ensure_ascii=False) + ":" for k in optional] + ["}"]
+                extras: list[list[Text]] = [[" ", self._minimal.text(props.get(k, {}), depth + 1)] for k in optional]
+                end = len(optional)
+                i = yield from self.choose(cands, extras=[*extras, []], closer=end,
+                                           avoid=end if hint.startswith(",") else None)
+                if i == end:
+                    return  # the model closed the object
+                frame.first = False
+                key = optional.pop(i)
+                yield from self.value(props.get(key, {}), " ", depth + 1)
+            self.force("}")
+        finally:
+            self._frames.pop()
 
-    def _array(self, schema: dict[str, Any], lead: str, depth: int) -> None:
-        items = schema.get("items")
-        if isinstance(items, list):  # old tuple form: use the first entry's schema
-            items = items[0] if items else {}
+    def _array(self, schema: dict[str, Any], lead: str, depth: int) -> Steps[None]:
+        items = array_items(schema)
         min_items = _int(schema.get("minItems"), 0)
         max_items = _int(schema.get("maxItems"), DEFAULT_MAX_ITEMS)
         max_items = max(min_items, min(max_items, DEFAULT_MAX_ITEMS))
         self.force(lead + "[")
-        n = 0
-        # At least one item unless maxItems is 0: the model asked for this array for a reason.
-        while n < max(min_items, min(1, max_items)):
-            self.value(items, "" if n == 0 else " ", depth + 1)
-            n += 1
-            if n < min_items:
-                self.force(",")
-        while n < max_items and not self.hurry:
-            hint, self.hint = self.hint, ""
-            if hint.startswith("]"):
-                break
-            if not hint.startswith(","):
-                if self.choose([",", "]"]) == 1:
-                    return
-            else:
-                self.force(",")
-            self.value(items, " ", depth + 1)
-            n += 1
-        self.force("]")
-
-    def json_value(self, schema: dict[str, Any], emit: Callable[[str], None]) -> None:
-        """A whole JSON value for `schema`, its text streamed to `emit`."""
-        self._root = schema if isinstance(schema, dict) else {}
-        self._emit = emit
+        frame = _ArrayFrame(self._minimal, items, depth)
+        self._frames.append(frame)
         try:
-            self.value(schema)
+            required = min_items
+            if required == 0 and max_items > 0:
+                # At least one item, budget permitting: the model asked for this array for a reason.
+                room = self.lm.room()
+                one = [self._minimal.text(items, depth + 1), *self._tail()]
+                if self._cost(room, 0, one, join=True) + BUDGET_MARGIN <= room:
+                    required = 1
+                else:
+                    self.squeezes += 1
+            frame.required = required
+            for j in range(required):
+                if j:
+                    self.force(",")
+                frame.started = j + 1
+                yield from self.value(items, " " if j else "", depth + 1)
+            n = required
+            while 0 < n < max_items:  # with no item (the budget said so) the array is empty
+                hint, self.hint = self.hint, ""
+                if hint.startswith("]"):
+                    break
+                i = yield from self.choose([",", "]"], extras=[[" ", self._minimal.text(items, depth + 1)], []],
+                                           closer=1, avoid=1 if hint.startswith(",") else None)
+                if i == 1:
+                    return
+                yield from self.value(items, " ", depth + 1)
+                n += 1
+            self.force("]")
         finally:
-            self._emit = None
+            self._frames.pop()
+
+    def json_value(self, schema: dict[str, Any], emit: Sink) -> Steps[None]:
+        """A whole JSON value for `schema`, its text streamed to `emit` as it is committed (the end
+        is committed by a later `flush` or `finish`)."""
+        self._root = schema if isinstance(schema, dict) else {}
+        self._minimal = _Minimal(self._root)
+        self._sink = emit
+        self._open = True
+        try:
+            yield from self.value(schema)
+            self._end_value()
+        except _Cut:
+            pass
+        finally:
+            self._sink = None
 
     # ---- tool calls
 
     def tool_call(self, tools: Sequence[ToolSpec], forced: str | None,
-                  on_name: Callable[[str], Callable[[str], None]], opening: str = TOOL_CALL_OPEN + CALL_PREFIX
-                  ) -> None:
-        """One ``<tool_call>`` block; `on_name(name)` returns where the arguments text goes.
+                  on_name: Callable[[str], Sink], opening: str = TOOL_CALL_OPEN + CALL_PREFIX) -> Steps[None]:
+        """One ``<tool_call>`` block up to the end of its arguments; `on_name(name)` returns where
+        the arguments text goes. The closing markup is only written by `another_call`.
 
         `opening`: the text to force before the function name (the part of ``<tool_call>`` +
         CALL_PREFIX that is not in the context yet).
         """
-        self.force(opening, emit=False)
-        names = [t.name for t in tools]
-        if forced is not None:
-            names = [forced]
-        index = self.choose([json.dumps(n, ensure_ascii=False)[1:] + "," for n in names], emit=False)
-        name = names[index]
-        spec = next(t for t in tools if t.name == name)
-        self._emit = on_name(name)
-        self._root = spec.parameters if isinstance(spec.parameters, dict) else {}
-        self.force(' "arguments": ', emit=False)
-        params = spec.parameters if isinstance(spec.parameters, dict) and spec.parameters else \
-            {"type": "object", "properties": {}}
-        if schema_type(self._resolve(params)) != "object":
-            params = {"type": "object", "properties": {}}
-        self.value(params, "", 0)
-        self._emit = None
-        self.force("}\n" + TOOL_CALL_CLOSE, emit=False)
+        try:
+            self.force(opening, emit=False)
+            specs = [t for t in tools if forced is None or t.name == forced]
+            arguments = [call_arguments(t) for t in specs]
+            extras: list[list[Text]] = [[' "arguments": ', _Minimal(root).text(params, 0)]
+                                        for root, params in arguments]
+            index = yield from self.choose([json.dumps(t.name, ensure_ascii=False)[1:] + "," for t in specs],
+                                           emit=False, extras=extras)
+            self._root, params = arguments[index]
+            self._minimal = _Minimal(self._root)
+            self._sink = on_name(specs[index].name)
+            self._open = True
+            self.force(' "arguments": ', emit=False)
+            yield from self.value(params, "", 0)
+            self._end_value()
+        except _Cut:
+            pass
+        finally:
+            self._sink = None
 
-    def another_call(self, eog: np.ndarray) -> bool:
-        """After a call: does the model write another ``<tool_call>`` (True) or end its turn?"""
-        if self.hurry or len(eog) == 0:
+    def another_call(self, eog: np.ndarray) -> Steps[bool]:
+        """After a call: does the model write another ``<tool_call>`` (True) or end its turn?
+
+        The finished call is committed first. False without asking when the budget is too short.
+        """
+        if self.cut or len(eog) == 0:
             return False
-        # Candidate "" is the end of the turn, chosen with an end-of-generation token.
-        i = self.choose(["", "\n" + TOOL_CALL_OPEN, TOOL_CALL_OPEN], emit=False, end=eog)
-        return i != 0 and not self.hurry  # the marker is in the context: continue with CALL_PREFIX
+        closing = "}\n" + TOOL_CALL_CLOSE
+        room = self.lm.room()
+        if self._cost(room, len(self._tokens(TOOL_CALL_OPEN + CALL_PREFIX)), [closing]) + BUDGET_MARGIN > room:
+            return False
+        self.force(closing, emit=False)
+        try:
+            # Candidate "" is the end of the turn, chosen with an end-of-generation token.
+            i = yield from self.choose(["", "\n" + TOOL_CALL_OPEN, TOOL_CALL_OPEN], emit=False, end=eog)
+        except _Cut:
+            return False
+        return i != 0  # the marker is in the context: continue with CALL_PREFIX
 
 
 # --------------------------------------------------------------------------- schema helpers
@@ -727,51 +1248,68 @@ def resolve_ref(root: dict[str, Any], ref: str) -> dict[str, Any] | None:
     return node if isinstance(node, dict) else None
 
 
-def minimal_value(schema: Any, root: dict[str, Any] | None = None, depth: int = 0) -> Any:
-    """A small valid value for a schema, without the model (used when the budget runs out)."""
+def resolve_schema(schema: Any, root: dict[str, Any], hops: int = 0) -> dict[str, Any]:
+    """The schema with local ``$ref`` followed and ``anyOf`` / ``oneOf`` reduced to their first
+    non-null alternative (what guided decoding writes)."""
     if not isinstance(schema, dict):
-        return ""
-    root = root or {}
-    if isinstance(schema.get("$ref"), str) and depth < MAX_DEPTH:
-        target = resolve_ref(root, schema["$ref"])
+        return {}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and hops < MAX_DEPTH:
+        target = resolve_ref(root, ref)
         if target is not None:
-            return minimal_value({**target, **{k: v for k, v in schema.items() if k != "$ref"}}, root, depth + 1)
+            merged = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+            return resolve_schema(merged, root, hops + 1)
     for key in ("anyOf", "oneOf"):
         options = schema.get(key)
         if isinstance(options, list) and options and "type" not in schema:
             usable = [o for o in options if isinstance(o, dict) and o.get("type") != "null"]
             base = {k: v for k, v in schema.items() if k != key}
-            return minimal_value({**base, **(usable or options)[0]}, root, depth + 1)
-    if "const" in schema:
-        return schema["const"]
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][0]
-    kind = schema_type(schema)
-    if kind == "object":
-        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        required = schema.get("required") if isinstance(schema.get("required"), list) else []
-        if depth >= MAX_DEPTH:
-            return {}
-        return {k: minimal_value(props.get(k, {}), root, depth + 1) for k in required if isinstance(k, str)}
-    if kind == "array":
-        n = _int(schema.get("minItems"), 0)
-        items = schema.get("items")
-        if isinstance(items, list):
-            items = items[0] if items else {}
-        return [minimal_value(items, root, depth + 1) for _ in range(n)] if depth < MAX_DEPTH else []
-    if kind in ("integer", "number"):
-        lo, hi = schema.get("minimum"), schema.get("maximum")
-        value: float = 0
-        if _is_num(lo) and value < lo:
-            value = math.ceil(lo) if kind == "integer" else lo
-        if _is_num(hi) and value > hi:
-            value = math.floor(hi) if kind == "integer" else hi
-        return value
-    if kind == "boolean":
-        return False
-    if kind == "null":
-        return None
-    return "x" * _int(schema.get("minLength"), 0)
+            return resolve_schema({**base, **(usable or options)[0]}, root, hops + 1)
+    return schema
+
+
+def object_keys(schema: dict[str, Any]) -> tuple[dict[str, Any], list[str], set[str]]:
+    """(properties, every key in the order written, the required ones) of an object schema."""
+    props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    required = [k for k in schema["required"] if isinstance(k, str)] \
+        if isinstance(schema.get("required"), list) else []
+    keys = list(dict.fromkeys([*props, *required]))
+    return props, keys, set(required)
+
+
+def array_items(schema: dict[str, Any]) -> Any:
+    items = schema.get("items")
+    if isinstance(items, list):  # old tuple form: use the first entry's schema
+        items = items[0] if items else {}
+    return items
+
+
+def call_arguments(tool: ToolSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """($ref root, object schema) guided decoding writes a tool's arguments with."""
+    root = tool.parameters if isinstance(tool.parameters, dict) else {}
+    params = root or {"type": "object", "properties": {}}
+    if schema_type(resolve_schema(params, root)) != "object":
+        params = {"type": "object", "properties": {}}
+    return root, params
+
+
+def minimal_number(schema: dict[str, Any], integer: bool) -> float:
+    """The number closest to 0 within ``minimum`` / ``maximum``."""
+    lo, hi = schema.get("minimum"), schema.get("maximum")
+    value: float = 0
+    if _is_num(lo) and value < lo:
+        value = math.ceil(lo) if integer else lo
+    if _is_num(hi) and value > hi:
+        value = math.floor(hi) if integer else hi
+    return value
+
+
+def minimal_value(schema: Any, root: dict[str, Any] | None = None) -> Any:
+    """The smallest valid value for a schema, as guided decoding writes it when the budget runs
+    short (built whole: for small schemas only)."""
+    if root is None:
+        root = schema if isinstance(schema, dict) else {}
+    return json.loads("".join(_Minimal(root).pieces(schema, 0)))
 
 
 def _int(value: Any, default: int) -> int:

@@ -2,6 +2,8 @@
 
 Speaking starts as soon as the first clause is complete, so the first cut is eager (a comma
 will do once there are a few words); later cuts prefer sentence ends so prosody stays natural.
+No clause is longer than ``max_chars`` (plus the whitespace around it): text without punctuation
+is cut at a word boundary, so neither the pending text nor one synthesis run grows with it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ _SOFT_BREAK = re.compile(r"[,;:\u2014\u2013]\s+")  # comma, semicolon, colon, em
 
 
 class ClauseSplitter:
-    def __init__(self, first_min_chars: int = 12, min_chars: int = 40, max_chars: int = 220):
+    """Streamed text in, speakable clauses out, each as soon as it is complete."""
+
+    # max_chars matches the Piper backend's piece bound (MAX_PIECE_CHARS), so a clause is never
+    # cut again there; it is not imported, to keep that GPL-backed module out of the engine.
+    def __init__(self, first_min_chars: int = 12, min_chars: int = 40, max_chars: int = 200):
         self.first_min_chars = first_min_chars
         self.min_chars = min_chars
         self.max_chars = max_chars
@@ -43,18 +49,31 @@ class ClauseSplitter:
         return rest
 
     def _find_cut(self) -> int | None:
+        """End of the next clause in the buffer, or None to wait for more text.
+
+        Lengths count from the first non-space character, so leading whitespace never makes the
+        cut land inside it (which would yield an empty clause and stall the buffer).
+        """
         buf = self._buf
-        m = _SENTENCE_END.search(buf)
-        if m is not None and len(buf[:m.start()].strip()) >= 2:
-            return m.end()
+        start = len(buf) - len(buf.lstrip())
+        limit = start + self.max_chars
+        for m in _SENTENCE_END.finditer(buf):
+            if m.start() > limit:
+                break
+            if len(buf[:m.start()].strip()) >= 2:
+                return m.end()
         min_chars = self.first_min_chars if self._emitted == 0 else self.min_chars
         for m in _SOFT_BREAK.finditer(buf):
+            if m.start() > limit:
+                break
             if m.start() >= min_chars:
                 return m.end()
-        if len(buf) > self.max_chars:
-            space = buf.rfind(" ", 0, self.max_chars)
-            return space + 1 if space > 0 else self.max_chars
-        return None
+        if len(buf) <= limit:
+            return None
+        for i in range(limit, start, -1):  # the last word boundary within the limit
+            if buf[i].isspace():
+                return i + 1
+        return limit  # one "word" longer than max_chars
 
 
 _MARKUP = re.compile(r"[*_`#~>|]+|\[(?P<label>[^\]]*)\]\([^)]*\)")

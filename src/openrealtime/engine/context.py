@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..backends.llm import LLMBackend
 from ..backends.speech import NoiseSuppressor, STTBackend, TTSBackend, TurnDetector, VADModel
 from .ratelimit import RateLimiter
+from .stats import EngineStats
 
 
 @dataclass(slots=True)
@@ -28,6 +29,14 @@ class EngineContext:
     check_model: Callable[[str | None], str | None] | None = None
     # Requests / tokens per minute per API key, shared by the key's sessions (None: unlimited).
     rate_limiter: RateLimiter | None = None
+    # The model that really serves a requested `model` name (None: the name itself).
+    effective_model: Callable[[str | None], str] | None = None
+    # Requested voice name (lower case) -> one of the TTS voices; unknown voices use the default
+    # voice unless `strict_names`, which makes unknown voices, models and transcription models errors.
+    voice_aliases: dict[str, str] = field(default_factory=dict)
+    strict_names: bool = False
+    # Server-wide counters for GET /metrics (api/metrics.py).
+    stats: EngineStats = field(default_factory=EngineStats)
 
     @property
     def audio_output(self) -> bool:

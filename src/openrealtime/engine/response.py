@@ -192,6 +192,8 @@ class ResponseRun:
         self.usage: Usage | None = None
         self.cancel_reason: str = "client_cancelled"
         self.task: asyncio.Task[None] | None = None
+        self._created = False  # response.created sent
+        self._ended = False  # response.done sent
         # Snapshot of the context now: items the client adds later belong to the next turn.
         self._source = spec.input if spec.input is not None else list(session.conversation)
         # Output items go into the conversation right after the snapshot, whatever is added meanwhile.
@@ -287,8 +289,54 @@ class ResponseRun:
     def speaks(self) -> bool:
         return "audio" in self.spec.output_modalities
 
+    def start(self) -> asyncio.Task[None]:
+        """Run the response in its own task; whatever happens to the task, the response ends.
+
+        A task cancelled before its first step never enters `run()` (a `response.cancel` or a
+        barge-in right after `response.create`), so a done-callback finishes such a response:
+        `response.created` and `response.done` (cancelled) are still sent and the slot is freed.
+        """
+        self.task = asyncio.create_task(self.run(), name=f"response-{self.id}")
+        self.task.add_done_callback(self._task_done)
+        return self.task
+
+    def cancel(self, reason: str) -> None:
+        if not self.done:
+            self.cancel_reason = reason
+        if self.task is not None:
+            self.task.cancel()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if self._ended:
+            return
+        self.status = "cancelled"
+        self.status_details = {"type": "cancelled", "reason": self.cancel_reason}
+        self.usage = Usage(completion_tokens=self._deltas)
+        self._end()
+
+    def _end(self) -> None:
+        """The closing events, exactly once: items done, `response.done`, the slot freed."""
+        self._ended = True
+        emit = self.session.emit
+        try:
+            if not self._created:
+                self._created = True
+                emit(ev.ResponseCreated(response={**self.snapshot(), "status": "in_progress",
+                                                  "status_details": None, "usage": None}))
+            if not self.output and self.status in ("completed", "incomplete"):
+                self._ensure_message()
+            for item in list(self.output):
+                self._close(item)
+        except Exception:  # a bug here must still end the response and free the slot
+            log.exception("response %s: closing its items failed", self.id)
+        finally:
+            emit(ev.ResponseDone(response=self.snapshot()))
+            self.session.ctx.stats.response_done(self.status)
+            self.session.response_finished(self)
+
     async def run(self) -> None:
         emit = self.session.emit
+        self._created = True
         emit(ev.ResponseCreated(response=self.snapshot()))
         finished: Finished | None = None
         try:
@@ -329,12 +377,7 @@ class ResponseRun:
             log.exception("response %s failed", self.id)
             self._fail("server_error", f"The model backend failed: {exc}", "server_error")
         finally:
-            if not self.output and self.status != "failed":
-                self._ensure_message()
-            for item in list(self.output):
-                self._close(item)
-            emit(ev.ResponseDone(response=self.snapshot()))
-            self.session.response_finished(self)
+            self._end()
 
     async def _stream_text(self, llm: LLMBackend, params: GenerationParams) -> Finished | None:
         finished = None

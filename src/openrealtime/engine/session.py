@@ -12,6 +12,7 @@ import binascii
 import contextlib
 import json
 import logging
+import re
 import time
 from typing import Any, Literal
 
@@ -24,7 +25,9 @@ from ..protocol import events as ev
 from ..protocol.errors import ProtocolError, from_validation_error
 from ..protocol.events import CLIENT_EVENT_MODELS, CLIENT_EVENT_TYPES, new_id
 from ..protocol.items import ContentPart, Item
+from ..protocol.limits import loads_limited
 from ..protocol.session import READ_ONLY_FIELDS, SessionConfig, deep_merge
+from ..protocol.text import find_lone_surrogate, scrub, top_level_event_id
 from .context import EngineContext
 from .conversation import Conversation
 from .input import RATE as INPUT_RATE
@@ -37,6 +40,10 @@ log = logging.getLogger(__name__)
 
 # A commit needs at least this much audio (same rule as the hosted API).
 MIN_COMMIT_MS = 100
+# OpenAI's own model names, which every OpenAI client sends: served quietly (no substitution log)
+# and accepted even with `strict_names`.
+_OPENAI_MODEL = re.compile(r"^gpt-[\w.-]*realtime", re.IGNORECASE)
+_OPENAI_TRANSCRIPTION_MODEL = re.compile(r"^(whisper-1|gpt-4o[\w.-]*-transcribe[\w.-]*)$", re.IGNORECASE)
 
 
 class InvalidSessionConfig(ValueError):
@@ -82,11 +89,13 @@ class RealtimeSession:
             output_modalities=["audio"] if ctx.audio_output else ["text"],
             expires_at=int(time.time()) + ctx.session_ttl_s,
         )
+        self._substituted: set[tuple[str, str]] = set()
         if ctx.tts is not None and ctx.tts.voices():
             self.config.audio.output.voice = ctx.tts.voices()[0].id
         if model and ctx.check_model is not None and (problem := ctx.check_model(model)):
             # `?model=` / a call's model names an unknown provider: refuse before the session starts.
             raise InvalidSessionConfig(problem, "model", "model_not_found")
+        self.config = self._effective_names(self.config, "session")
         if initial_session:
             try:
                 self.config = self._merged_config(initial_session, "session")
@@ -116,6 +125,7 @@ class RealtimeSession:
     async def start(self) -> None:
         if self.audio_output is not None:
             self.audio_output.listener = self
+        self.ctx.stats.session_started(self.id, self.transport)
         self.emit(ev.SessionCreated(session=self.config.wire()))
 
     async def push_audio(self, pcm16: bytes, sample_rate: int) -> None:
@@ -125,23 +135,31 @@ class RealtimeSession:
 
     def emit(self, event: ev.ServerEvent) -> None:
         if not self.closed:
+            self.ctx.stats.event_sent(event)
             self.outbox.put_nowait(event.wire())
 
     async def handle_text(self, raw: str | bytes) -> None:
         """Process one client event; every failure is answered with an `error` event."""
         event_id: str | None = None
+        self.ctx.stats.event_received()
         try:
             if len(raw) > self.ctx.max_event_bytes:
                 raise ProtocolError(f"Event of {len(raw)} bytes exceeds the limit of "
                                     f"{self.ctx.max_event_bytes} bytes.", code="event_too_large")
             try:
-                data = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ProtocolError(f"The event is not valid JSON: {exc}", code="invalid_json") from None
+                data = loads_limited(raw)
+            except ProtocolError as exc:
+                if exc.code == "nesting_too_deep":
+                    event_id = top_level_event_id(raw)
+                raise
             if not isinstance(data, dict):
                 raise ProtocolError("An event must be a JSON object.", code="invalid_event")
             if isinstance(data.get("event_id"), str):
-                event_id = data["event_id"]
+                event_id = scrub(data["event_id"])[:512]
+            if (where := find_lone_surrogate(data)) is not None:
+                raise ProtocolError(f"Invalid value for '{where}': the string contains an unpaired UTF-16 "
+                                    "surrogate, which is not valid Unicode text.", code="invalid_value",
+                                    param=where)
             kind = data.get("type")
             if kind is None:
                 raise ProtocolError("Missing required parameter: 'type'.",
@@ -178,6 +196,7 @@ class RealtimeSession:
         if self.audio_output is not None:
             self.audio_output.clear()
         self.closed = True
+        self.ctx.stats.session_ended(self.id, self.transport)
         self.outbox.put_nowait(None)
 
     # ------------------------------------------------------------------ helpers used by responses
@@ -189,16 +208,55 @@ class RealtimeSession:
                                 code="unsupported_modality", param=param)
 
     def check_voice(self, voice: str, param: str) -> str:
-        """The TTS voice id for a requested voice name (ids and aliases accepted)."""
+        """The TTS voice id for a requested voice name (ids, the backend's aliases, `voice_aliases`).
+
+        Clients written for a hosted service name its voices ("Dennis", "Clive"); unless the
+        operator asked for `strict_names`, those get the default voice rather than a refused
+        `session.update` (which would drop the instructions and turn detection with it).
+        """
         tts = self.ctx.tts
         if tts is None:
             return voice
         found = tts.resolve_voice(voice)
-        if found is None:
-            names = ", ".join(v.id for v in tts.voices())
+        if found is None and (alias := self.ctx.voice_aliases.get(voice.strip().lower())):
+            found = tts.resolve_voice(alias)
+        if found is not None:
+            return found.id
+        names = ", ".join(v.id for v in tts.voices())
+        if self.ctx.strict_names or not tts.voices():
             raise ProtocolError(f"Unknown voice '{voice}'. Available voices: {names} (see GET /v1/voices).",
                                 code="invalid_value", param=param)
-        return found.id
+        default = tts.voices()[0].id
+        self._note_substitution("voice", voice, default)
+        return default
+
+    def _note_substitution(self, what: str, requested: str, used: str) -> None:
+        """Log each name this session asked for and got something else for, once."""
+        if (what, requested) not in self._substituted:
+            self._substituted.add((what, requested))
+            log.info("session %s: %s %r is not available here; using %r", self.id, what, requested, used)
+
+    def _effective_names(self, config: SessionConfig, prefix: str) -> SessionConfig:
+        """Replace requested names by what serves them, so session.updated shows the real config."""
+        config.audio.output.voice = self.check_voice(config.audio.output.voice, f"{prefix}.audio.output.voice")
+        if self.ctx.effective_model is not None:
+            used = self.ctx.effective_model(config.model)
+            if used != config.model:
+                if not _OPENAI_MODEL.match(config.model or ""):
+                    self._note_substitution("model", config.model, used)
+                config.model = used
+        transcription = config.audio.input.transcription
+        stt = self.ctx.stt
+        if transcription is not None and stt is not None and transcription.model != stt.name:
+            requested = transcription.model or ""
+            if self.ctx.strict_names and requested and not _OPENAI_TRANSCRIPTION_MODEL.match(requested):
+                raise ProtocolError(f"Unknown transcription model '{requested}'. This server transcribes with "
+                                    f"'{stt.name}'.", code="invalid_value",
+                                    param=f"{prefix}.audio.input.transcription.model")
+            if requested and not _OPENAI_TRANSCRIPTION_MODEL.match(requested):
+                self._note_substitution("transcription model", requested, stt.name)
+            transcription.model = stt.name
+        return config
 
     def _log_timing(self, response_id: str, marks: dict[str, float]) -> None:
         """One structured line per answered turn: bench/voice_latency.py reads these."""
@@ -269,8 +327,7 @@ class RealtimeSession:
         cleared = self.audio_output.clear() if self.audio_output is not None else None
         run = self._active
         if run is not None and not run.done and run.task is not None:
-            run.cancel_reason = reason
-            run.task.cancel()
+            run.cancel(reason)
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(run.task)
         if cleared is not None:
@@ -329,7 +386,10 @@ class RealtimeSession:
         else:  # audio the client supplied in conversation.item.create
             fmt = self.config.audio.output.format
             raw = base64.b64decode(part.audio or "")
-            total_ms = len(decode_to_pcm16(raw, fmt.type)) // 2 * 1000 // fmt.sample_rate
+            try:
+                total_ms = len(decode_to_pcm16(raw, fmt.type)) // 2 * 1000 // fmt.sample_rate
+            except ValueError as exc:
+                raise ProtocolError(f"The item's audio cannot be cut: {exc}", param="item_id") from None
             end_ms = min(audio_end_ms, total_ms)
             keep = end_ms * fmt.sample_rate // 1000 * (2 if fmt.type == "audio/pcm" else 1)
             part.audio = base64.b64encode(raw[:keep]).decode()
@@ -361,17 +421,23 @@ class RealtimeSession:
         except ValidationError as exc:
             raise from_validation_error(exc, merged, prefix) from None
         self.check_modalities(config.output_modalities, f"{prefix}.output_modalities")
-        self.check_voice(config.audio.output.voice, f"{prefix}.audio.output.voice")
         if self.ctx.check_model is not None and config.model != self.config.model:
             problem = self.ctx.check_model(config.model)
             if problem:
                 raise ProtocolError(problem, code="model_not_found", param=f"{prefix}.model")
-        return config
+        return self._effective_names(config, prefix)
 
     async def _on_conversation_item_create(self, event: ev.ConversationItemCreate) -> None:
         item = event.item.model_copy(deep=True)
         if item.id is None:
             item.id = new_id("item")
+        for i, part in enumerate(item.content or []):
+            if part.audio is not None:
+                try:
+                    base64.b64decode(part.audio, validate=True)
+                except (binascii.Error, ValueError):
+                    raise ProtocolError("Invalid value: audio must be base64-encoded.",
+                                        param=f"item.content[{i}].audio") from None
         if item.type == "function_call_output" and not any(
             it.type == "function_call" and it.call_id == item.call_id for it in self.conversation
         ):
@@ -384,7 +450,7 @@ class RealtimeSession:
 
     async def _on_conversation_item_retrieve(self, event: ev.ConversationItemRetrieve) -> None:
         item = self.conversation.require(event.item_id)
-        wire = item.wire()
+        wire = item.wire(with_audio=True)
         # The full item includes its audio, in the session's formats (as the hosted API does).
         user_pcm = self.input_audio.get(item.id or "")
         spoken = self.spoken.get(item.id or "")
@@ -435,7 +501,7 @@ class RealtimeSession:
         self._runs[run.id] = run
         if spec.in_conversation:
             self._active = run
-        run.task = asyncio.create_task(run.run(), name=f"response-{run.id}")
+        run.start()
         return run
 
     def _start_auto_response(self) -> None:
@@ -465,9 +531,8 @@ class RealtimeSession:
             if run is None:
                 raise ProtocolError("Cancellation failed: no active response found.",
                                     code="response_cancel_not_active")
-        run.cancel_reason = "client_cancelled"
+        run.cancel("client_cancelled")
         if run.task is not None:
-            run.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(run.task)
 

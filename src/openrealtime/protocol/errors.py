@@ -59,15 +59,17 @@ def wire_path(loc: tuple[Any, ...], data: Any) -> str:
         elif isinstance(step, str) and isinstance(node, dict) and step in node:
             parts.append(step)
             node = node[step]
-        elif isinstance(step, str) and step.isidentifier() and step not in _UNION_TAGS:
-            # A missing field: still part of the path the client should have sent.
+        elif isinstance(step, str) and step.isidentifier() and step not in _UNION_TAGS \
+                and not step[0].isupper():
+            # A missing field: still part of the path the client should have sent. (Capitalised
+            # steps are pydantic's names for union members, never wire fields.)
             parts.append(step)
             node = None
     return ".".join(parts)
 
 
 # Names pydantic uses for union members; never part of a wire path.
-_UNION_TAGS = {"server_vad", "semantic_vad", "function", "mcp", "retention_ratio", "item", "ref",
+_UNION_TAGS = {"server_vad", "semantic_vad", "function", "mcp", "input_text", "input_image", "input_file",
               "str", "int", "dict", "list", "bool", "float", "none"}
 
 
@@ -95,8 +97,12 @@ def from_validation_error(exc: ValidationError, data: Any, prefix: str = "") -> 
             path = wire_path(tuple(err.get("loc", ())), data)
         else:
             union_msg = " or ".join(dict.fromkeys(e.get("msg", "") for e in siblings))
-    param = ".".join(p for p in (prefix, path) if p) or None
     kind = err.get("type", "value_error")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        # A discriminated union rejects its tag: the field at fault is the discriminator.
+        discriminator = str((err.get("ctx") or {}).get("discriminator", "'type'")).strip("'")
+        path = f"{path}.{discriminator}" if path else discriminator
+    param = ".".join(p for p in (prefix, path) if p) or None
     code = _CODE_BY_PYDANTIC_TYPE.get(kind, "invalid_type" if kind.endswith("_type") or "parsing" in kind
                                       else "invalid_value")
     msg = err.get("msg", "Invalid value")
@@ -104,7 +110,7 @@ def from_validation_error(exc: ValidationError, data: Any, prefix: str = "") -> 
         code, msg = "invalid_value", f"Invalid value for '{param}': {union_msg}."
     elif kind == "extra_forbidden":
         msg = f"Unknown parameter: '{param}'."
-    elif kind == "missing":
+    elif kind in ("missing", "union_tag_not_found"):
         msg = f"Missing required parameter: '{param}'."
     else:
         msg = f"Invalid value for '{param}': {msg}." if param else f"{msg}."

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from .items import Item
-from .session import AudioFormat, FunctionTool, MaxTokens, Modality, ToolChoice
+from .session import AudioFormat, FunctionTool, MaxTokens, Modality, Prompt, Reasoning, ToolChoice
 
 
 def new_id(prefix: str) -> str:
@@ -39,11 +39,11 @@ class ResponseAudio(_Strict):
 
 def _input_kind(v: Any) -> str:
     kind = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
-    return "ref" if kind == "item_reference" else "item"
+    return "input-ref" if kind == "item_reference" else "input-item"
 
 
 InputEntry = Annotated[
-    Annotated[Item, Tag("item")] | Annotated[ItemReference, Tag("ref")], Discriminator(_input_kind)
+    Annotated[Item, Tag("input-item")] | Annotated[ItemReference, Tag("input-ref")], Discriminator(_input_kind)
 ]
 
 
@@ -61,8 +61,8 @@ class ResponseConfig(_Strict):
     audio: ResponseAudio | None = None
     voice: str | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    prompt: dict[str, Any] | None = None
-    reasoning: dict[str, Any] | None = None
+    prompt: Prompt | None = None
+    reasoning: Reasoning | None = None
     parallel_tool_calls: bool | None = None
 
     @field_validator("metadata")

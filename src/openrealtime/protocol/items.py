@@ -27,6 +27,17 @@ class ContentPart(BaseModel):
     image_url: str | None = None
     detail: Literal["auto", "low", "high"] | None = None
 
+    def wire(self, *, with_audio: bool = False) -> dict[str, Any]:
+        """The fields the hosted API sends for this part type (`transcript: null` until known)."""
+        if self.type in ("input_text", "output_text", "text"):
+            return {"type": self.type, "text": self.text or ""}
+        if self.type == "input_image":
+            return {"type": self.type, "image_url": self.image_url, "detail": self.detail or "auto"}
+        data: dict[str, Any] = {"type": self.type, "transcript": self.transcript}
+        if with_audio and self.audio is not None:
+            data["audio"] = self.audio
+        return data
+
 
 class Item(BaseModel):
     """A conversation item: message, function_call or function_call_output."""
@@ -76,9 +87,23 @@ class Item(BaseModel):
                 raise ValueError("function_call_output items need 'output'")
         return self
 
-    def wire(self) -> dict[str, Any]:
-        data = self.model_dump(mode="json", exclude_none=True)
-        data["object"] = "realtime.item"
+    def wire(self, *, with_audio: bool = False) -> dict[str, Any]:
+        """The item as the hosted API sends it: every field of its type present, `null` if not known yet.
+
+        Strict clients (the `@openai/agents` JS SDK's zod schemas) require keys such as an audio
+        part's `transcript` even before the transcript exists. Audio bytes are left out unless
+        `with_audio` (only `conversation.item.retrieved` carries them).
+        """
+        data: dict[str, Any] = {"id": self.id, "type": self.type, "object": "realtime.item"}
+        if self.type == "message":
+            data["status"] = self.status or "completed"
+            data["role"] = self.role
+            data["content"] = [part.wire(with_audio=with_audio) for part in self.content or []]
+        elif self.type == "function_call":
+            data.update(status=self.status or "completed", name=self.name or "", call_id=self.call_id or "",
+                        arguments=self.arguments or "")
+        else:
+            data.update(call_id=self.call_id or "", output=self.output or "")
         return data
 
     def text_for_model(self) -> str:

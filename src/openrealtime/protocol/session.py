@@ -124,6 +124,48 @@ class TracingConfig(_Model):
     metadata: dict[str, Any] | None = None
 
 
+class PromptText(_Model):
+    type: Literal["input_text"]
+    text: str
+
+
+class PromptImage(_Model):
+    type: Literal["input_image"]
+    detail: Literal["low", "high", "auto", "original"] = "auto"
+    file_id: str | None = None
+    image_url: str | None = None
+
+
+class PromptFile(_Model):
+    type: Literal["input_file"]
+    detail: Literal["auto", "low", "high"] | None = None
+    file_data: str | None = None
+    file_id: str | None = None
+    file_url: str | None = None
+    filename: str | None = None
+
+
+PromptVariable = str | Annotated[PromptText | PromptImage | PromptFile, Field(discriminator="type")]
+
+
+class Prompt(_Model):
+    """A stored prompt reference, shaped as the official SDK types require (`id`; typed variables).
+
+    Local models have no stored prompts; the reference is kept and echoed, so it must be one the
+    client's own types accept back.
+    """
+
+    id: str = Field(min_length=1)
+    version: str | None = None
+    variables: dict[str, PromptVariable] | None = None
+
+
+class Reasoning(_Model):
+    """Reasoning settings of reasoning models; accepted and echoed, unused by local models."""
+
+    effort: Literal["minimal", "low", "medium", "high", "xhigh"] | None = None
+
+
 MaxTokens = Annotated[int, Field(ge=1, le=4096)] | Literal["inf"]
 
 
@@ -146,8 +188,8 @@ class SessionConfig(_Model):
     include: list[Literal["item.input_audio_transcription.logprobs"]] | None = None
     expires_at: int = 0
     # Accepted for compatibility with clients that send them; not used by local models.
-    prompt: dict[str, Any] | None = None
-    reasoning: dict[str, Any] | None = None
+    prompt: Prompt | None = None
+    reasoning: Reasoning | None = None
     parallel_tool_calls: bool | None = None
 
     @field_validator("output_modalities")
@@ -164,6 +206,11 @@ class SessionConfig(_Model):
         audio_in = data["audio"]["input"]
         for key in ("noise_reduction", "transcription", "turn_detection"):
             audio_in.setdefault(key, None)
+        if isinstance(audio_in["turn_detection"], dict) and audio_in["turn_detection"]["type"] == "server_vad":
+            audio_in["turn_detection"].setdefault("idle_timeout_ms", None)
+        # What the hosted API sends as null when unset.
+        data.setdefault("prompt", None)
+        data.setdefault("include", None)
         return data
 
 

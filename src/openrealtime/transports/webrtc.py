@@ -20,7 +20,6 @@ import fractions
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 import secrets
 import socket
@@ -48,6 +47,8 @@ from ..audio.output import AudioOutput
 from ..audio.player import PacedAudioTrack
 from ..config import IceConfig, Settings
 from ..engine import EngineContext, InvalidSessionConfig, RealtimeSession
+from ..protocol.events import new_id
+from ..protocol.text import dumps_event
 
 log = logging.getLogger("openrealtime.webrtc")
 
@@ -61,6 +62,8 @@ _SEND_LOW_WATER = 256 * 1024
 # Caller audio is handed to the engine in chunks of at least this long: decoded Opus frames are
 # 20 ms already; shorter ones (10 ms ptime) are batched so the engine is not called 100 times/s.
 _MIN_PUSH_MS = 20
+# SCTP's max-message-size when the peer's SDP does not say (RFC 8841).
+_DEFAULT_PEER_MAX_MESSAGE = 65536
 
 __all__ = [
     "EVENTS_CHANNEL",
@@ -88,8 +91,53 @@ class ShuttingDown(RuntimeError):
 # --------------------------------------------------------------------------- offer validation
 
 
+def _peer_max_message_size(channel: RTCDataChannel) -> int:
+    """The largest message the peer accepts (its SDP `a=max-message-size`; 0: no limit).
+
+    aiortc keeps it privately on the SCTP transport; without one the SCTP default (64 KiB) holds.
+    """
+    size = getattr(channel.transport, "_remote_max_message_size", _DEFAULT_PEER_MAX_MESSAGE)
+    return size if isinstance(size, int) and size >= 0 else _DEFAULT_PEER_MAX_MESSAGE
+
+
+def fit_message(event: dict[str, Any], limit: int) -> str:
+    """The event as data-channel text no larger than `limit` bytes (0: unlimited).
+
+    A retrieved item goes without its audio (what a data channel can carry of it; the audio itself
+    is on the media track and over WebSocket); any other event that does not fit is replaced by an
+    `error` naming it, so the call goes on and the client learns what it missed.
+    """
+    text = dumps_event(event)
+    if not limit or len(text.encode("utf-8")) <= limit:
+        return text
+    size = len(text.encode("utf-8"))
+    if event.get("type") == "conversation.item.retrieved":
+        item = dict(event.get("item") or {})
+        item["content"] = [{k: v for k, v in part.items() if k != "audio"} for part in item.get("content") or []]
+        slim = dumps_event({**event, "item": item})
+        if len(slim.encode("utf-8")) <= limit:
+            return slim
+    log.warning("a %s event of %d bytes exceeds the peer's data-channel limit of %d bytes; sent an error instead",
+                event.get("type"), size, limit)
+    return dumps_event({
+        "type": "error", "event_id": new_id("event"),
+        "error": {"type": "invalid_request_error", "code": "event_too_large", "param": None, "event_id": None,
+                  "message": f"The server event '{event.get('type')}' ({size} bytes) is larger than the "
+                             f"{limit}-byte messages this data channel accepts, so it was not sent. Its "
+                             "effect (if any) still applies; read large state over a WebSocket instead."},
+    })
+
+
 def parse_offer(offer_sdp: str) -> aiortc_sdp.SessionDescription:
-    """Reject what aiortc would silently accept (it parses any text into an empty description)."""
+    """Reject what aiortc would silently accept (it parses any text into an empty description).
+
+    Fingerprints are checked here too: aiortc takes any text, and the call then fails the DTLS
+    handshake long after the 201 was sent; a client is better told at once, with a 400.
+    """
+    # Digest sizes of the algorithms aiortc verifies the peer's certificate with; it ignores others
+    # (e.g. sha-1), so at least one of these must be present, and each must be well formed.
+    digest_bytes = {"sha-256": 32, "sha-384": 48, "sha-512": 64}
+    hex_digits = set("0123456789abcdefABCDEF")
     if not isinstance(offer_sdp, str) or not offer_sdp.strip():
         raise InvalidOffer("The SDP offer is empty.")
     if len(offer_sdp.encode()) > MAX_OFFER_BYTES:
@@ -109,6 +157,20 @@ def parse_offer(offer_sdp: str) -> aiortc_sdp.SessionDescription:
             raise InvalidOffer(f"The SDP offer's {media.kind} section lacks ice-ufrag/ice-pwd.")
         if not (media.dtls and media.dtls.fingerprints):
             raise InvalidOffer(f"The SDP offer's {media.kind} section lacks a DTLS fingerprint.")
+        usable = 0
+        for fingerprint in media.dtls.fingerprints:
+            size = digest_bytes.get(fingerprint.algorithm.lower())
+            if size is None:
+                continue
+            octets = fingerprint.value.split(":")
+            if len(octets) != size or any(len(o) != 2 or not set(o) <= hex_digits for o in octets):
+                raise InvalidOffer(f"The SDP offer's {media.kind} section has a malformed "
+                                   f"{fingerprint.algorithm} fingerprint: expected {size} hex octets "
+                                   "separated by colons.")
+            usable += 1
+        if not usable:
+            raise InvalidOffer(f"The SDP offer's {media.kind} section has no sha-256, sha-384 or sha-512 "
+                               "DTLS fingerprint.")
     return desc
 
 
@@ -307,7 +369,8 @@ def new_call_id() -> str:
 class Call:
     """One WebRTC call: a peer connection bridged to one RealtimeSession."""
 
-    def __init__(self, manager: CallManager, session: RealtimeSession, model: str | None):
+    def __init__(self, manager: CallManager, session: RealtimeSession, model: str | None,
+                 on_close: Callable[[], None] | None = None):
         self.id = new_call_id()
         self.session = session
         self.model = model
@@ -320,6 +383,7 @@ class Call:
         self.channel: RTCDataChannel | None = None
         self.ended = asyncio.Event()  # set once everything is torn down
         self._manager = manager
+        self._on_close = on_close  # told once the call is torn down (admission control frees its slot)
         self._started = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing: asyncio.Task[None] | None = None
@@ -388,25 +452,29 @@ class Call:
 
     async def _close(self) -> None:
         self._manager._calls.pop(self.id, None)
-        current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         try:
-            await self.session.close()
-        except Exception:
-            log.exception("call %s: closing the session failed", self.id)
-        try:
-            await self.pc.close()
-        except Exception:
-            log.exception("call %s: closing the peer connection failed", self.id)
-        if self.outgoing_audio is not None:
-            self.outgoing_audio.stop()
-        if self._started:
-            log.info("call %s ended (%s) after %.1f s", self.id, self.end_reason,
-                     time.monotonic() - self.created_at)
-        self.ended.set()
+            current = asyncio.current_task()
+            tasks = [t for t in self._tasks if t is not current]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                await self.session.close()
+            except Exception:
+                log.exception("call %s: closing the session failed", self.id)
+            try:
+                await self.pc.close()
+            except Exception:
+                log.exception("call %s: closing the peer connection failed", self.id)
+            if self.outgoing_audio is not None:
+                self.outgoing_audio.stop()
+            if self._started:
+                log.info("call %s ended (%s) after %.1f s", self.id, self.end_reason,
+                         time.monotonic() - self.created_at)
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+            self.ended.set()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=f"{self.id}:{name}")
@@ -476,7 +544,15 @@ class Call:
             if channel is None or channel.readyState != "open":
                 self.request_close("data channel closed")
                 return
-            channel.send(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+            text = fit_message(event, _peer_max_message_size(channel))
+            try:
+                channel.send(text)
+            except (ValueError, InvalidStateError, OSError) as exc:  # never let one event end the call
+                log.warning("call %s: could not send %s: %s", self.id, event.get("type"), exc)
+                if channel.readyState != "open":
+                    self.request_close("data channel closed")
+                    return
+                continue
             if channel.bufferedAmount > _SEND_HIGH_WATER:
                 self._send_ready.clear()
                 await self._send_ready.wait()
@@ -596,18 +672,19 @@ class CallManager:
 
     async def create_call(
         self, offer_sdp: str, session: dict[str, Any] | None = None, model: str | None = None,
-        api_key: str | None = None,
+        api_key: str | None = None, on_close: Callable[[], None] | None = None,
     ) -> Call:
         """Answer an SDP offer; raises InvalidOffer or InvalidSessionConfig without leaking a peer.
 
         `api_key`: the caller's key, which the session's rate limits are counted against.
+        `on_close`: called once when the call is torn down, also when negotiation fails.
         """
         if self._shut_down:
             raise ShuttingDown("The server is shutting down.")
         parse_offer(offer_sdp)
         extra = {"api_key": api_key} if api_key is not None else {}
         rt = self.session_factory(self.ctx, transport="webrtc", initial_session=session, model=model, **extra)
-        call = Call(self, rt, model)
+        call = Call(self, rt, model, on_close)
         try:
             await call._negotiate(offer_sdp.strip() + "\r\n")
             await rt.start()

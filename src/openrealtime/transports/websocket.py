@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..engine import RealtimeSession
+from ..protocol.text import dumps_event
 
 log = logging.getLogger(__name__)
 
 
 async def _pump(ws: WebSocket, session: RealtimeSession) -> None:
     while (event := await session.outbox.get()) is not None:
-        await ws.send_text(json.dumps(event, separators=(",", ":")))
+        await ws.send_text(dumps_event(event))
 
 
 async def serve_websocket(ws: WebSocket, session: RealtimeSession) -> None:

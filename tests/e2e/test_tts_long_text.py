@@ -136,9 +136,10 @@ async def test_long_unpunctuated_speech_is_chunked_with_bounded_memory(tts_serve
         assert after - before < MAX_GROWTH_MB, (before, after)
 
         # The end of the text was spoken, not just some audio of the right length.
-        tail = pcm[-8 * SPEECH_RATE * 2:]
+        # (Whisper tiny on word salad cut mid-piece is unsure, so 15 s and the last 60 words.)
+        tail = pcm[-15 * SPEECH_RATE * 2:]
         heard = await client(tts_server).audio.transcriptions.create(model="whisper-1", file=("tail.pcm", tail))
-        last_words = set(text.split()[-30:])
+        last_words = set(text.split()[-60:])
         assert len(last_words & set(heard.text.lower().replace(".", " ").replace(",", " ").split())) >= 3, heard.text
 
         # And the server still answers a normal request.

@@ -136,3 +136,26 @@ def test_surrogate_finder_and_encoder():
     text = dumps_event({"type": "error", "message": "x\ud800y"})
     text.encode("utf-8")
     assert json.loads(text)["message"] == "x\ud800y"
+
+
+async def test_endless_speech_is_committed_at_the_buffer_cap(monkeypatch):
+    """A stuck mic or noise that VAD takes for speech cannot grow one turn (and its STT) without bound."""
+    from openrealtime.engine import input as engine_input
+
+    monkeypatch.setattr(engine_input, "MAX_BUFFER_MS", 2000)
+    s = voice_session(ScriptedLLM(["Hello", " there"]))
+    await s.start()
+    await send(s, {"type": "session.update", "session": {"output_modalities": ["text"], "audio": {"input": {
+        "turn_detection": {"type": "server_vad", "silence_duration_ms": 300}}}}})
+    await drain(s)
+    await append(s, tone(5000))  # five seconds of "speech", no pause
+    await append(s, quiet(600))
+    events = []
+    while not events or events[-1]["response"]["status"] != "completed":
+        events += await drain(s, "response.done")
+    ends = [e["audio_end_ms"] for e in events if e["type"] == "input_audio_buffer.speech_stopped"]
+    assert len(ends) == 3, ends  # cut at 2 s, cut again 2 s later, then the real end of speech
+    assert 1900 <= ends[0] <= 2200 and 3900 <= ends[1] <= 4400 and ends[2] >= 5000, ends
+    commits = [e for e in events if e["type"] == "input_audio_buffer.committed"]
+    assert len(commits) == 3
+    await s.close()

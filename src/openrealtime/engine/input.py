@@ -47,8 +47,10 @@ RATE = 16_000
 BYTES_PER_MS = RATE * 2 // 1000
 # Without an end-of-turn model (smart-turn not installed), semantic_vad waits this long after speech.
 SEMANTIC_SILENCE_MS = {"low": 1500, "medium": 800, "auto": 800, "high": 500}
-# Most audio a manual (turn_detection: null) buffer holds before the oldest is dropped.
-MAX_MANUAL_BUFFER_MS = 15 * 60 * 1000
+# Most audio one commit carries, which bounds the speech-to-text work a client can cause per turn:
+# the hosted API's 15 MiB input buffer at 24 kHz PCM16 (~5.5 min). A manual (turn_detection: null)
+# buffer drops its oldest audio beyond it; under turn detection a turn that long is ended there.
+MAX_BUFFER_MS = 15 * 1024 * 1024 * 1000 // (24_000 * 2)
 
 
 def _ms_to_bytes(ms: float) -> int:
@@ -165,6 +167,12 @@ class InputAudio:
                     await self._on_turn_event(event)
                 if self._detector is None:  # a handler turned detection off
                     break
+                if self._detector.in_speech and self._vad_pos_ms - self._speech_start_ms >= MAX_BUFFER_MS:
+                    # Endless "speech" (noise, a stuck mic): the turn ends at the buffer's size.
+                    log.info("session %s: a turn reached %d ms of speech; ending it there", self.s.id,
+                             MAX_BUFFER_MS)
+                    self._detector.reset()
+                    await self._on_turn_event(SpeechStopped(int(self._vad_pos_ms), int(self._vad_pos_ms)))
         self._trim()
 
     def _mean_square(self, start_ms: float, end_ms: float) -> float:
@@ -176,7 +184,7 @@ class InputAudio:
             td = self.s.config.audio.input.turn_detection
             keep_ms = (td.prefix_padding_ms if isinstance(td, ServerVad) else 300) + 100
         elif self._detector is None:
-            keep_ms = MAX_MANUAL_BUFFER_MS
+            keep_ms = MAX_BUFFER_MS
         else:
             return
         excess = len(self.buf) - _ms_to_bytes(keep_ms)

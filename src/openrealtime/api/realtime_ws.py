@@ -9,10 +9,12 @@ import logging
 from fastapi import APIRouter, WebSocket
 
 from ..engine import InvalidSessionConfig, RealtimeSession
+from ..transports.sideband import MAX_SIDEBANDS_PER_CALL, serve_sideband
+from ..transports.webrtc import Call
 from ..transports.websocket import serve_websocket
 from .admission import Slot, admission_of
 from .auth import authenticate_session, session_key
-from .client_secrets import starting_session
+from .client_secrets import ClientSecret, starting_session
 from .errors import APIError, error_response
 
 router = APIRouter()
@@ -42,14 +44,15 @@ async def realtime_websocket(ws: WebSocket, model: str | None = None, call_id: s
 
     Admission (429 at `max_sessions`, 503 while draining) is decided after authentication, so only
     a client with a key learns how busy the server is; the slot is held until the session ends.
+    With `call_id` it is a sideband to that WebRTC call instead: no new session, so no slot.
     """
+    if call_id is not None:
+        await _sideband(ws, call_id)
+        return
     slot: Slot | None = None
     try:
         try:
             secret = await authenticate_session(ws)
-            if call_id is not None:
-                raise APIError(400, "Sideband connections to WebRTC calls (call_id) are not supported yet.",
-                               code="unsupported_parameter", param="call_id")
             slot = admission_of(ws).reserve("websocket")
             # Opened with an ephemeral key: the session starts from the key's session config.
             initial, model = starting_session(secret, None, model)
@@ -75,6 +78,40 @@ async def realtime_websocket(ws: WebSocket, model: str | None = None, call_id: s
     finally:
         if slot is not None:
             slot.release()
+
+
+async def _sideband(ws: WebSocket, call_id: str) -> None:
+    """`?call_id=`: the same authentication, then attach to the call (refusals before upgrading)."""
+    try:
+        call = _sideband_call(ws, call_id, await authenticate_session(ws))
+    except APIError as exc:
+        await ws.send_denial_response(error_response(exc))
+        return
+    offered = ws.scope.get("subprotocols") or []
+    await serve_sideband(ws, call, subprotocol="realtime" if "realtime" in offered else None)
+
+
+def _sideband_call(ws: WebSocket, call_id: str, secret: ClientSecret | None) -> Call:
+    """The live call a sideband may attach to: 404 if there is none, 403 unless the caller owns it.
+
+    Owning is having the call's account: the API key that placed it (or minted the ek it was placed
+    with); an ek owns only the calls placed with it. On an open server anyone owns every call.
+    """
+    manager = getattr(ws.app.state, "calls", None)
+    call = manager.get(call_id) if manager is not None else None
+    if call is None:
+        raise APIError(404, f"Call '{call_id}' not found.", code="call_not_found", param="call_id")
+    if secret is not None:
+        owned = ws.app.state.client_secrets.owns_call(call, secret)
+    else:
+        owned = session_key(ws) == getattr(call.session, "api_key", None)
+    if not owned:
+        raise APIError(403, f"Call '{call_id}' was not created with this API key.", code="call_not_owned",
+                       param="call_id")
+    if call.session.subscriber_count >= MAX_SIDEBANDS_PER_CALL:
+        raise APIError(409, f"Call '{call_id}' already has {MAX_SIDEBANDS_PER_CALL} sideband connections.",
+                       code="sideband_limit_reached", param="call_id")
+    return call
 
 
 async def _close_for_drain(ws: WebSocket) -> None:

@@ -44,6 +44,9 @@ MIN_COMMIT_MS = 100
 # and accepted even with `strict_names`.
 _OPENAI_MODEL = re.compile(r"^gpt-[\w.-]*realtime", re.IGNORECASE)
 _OPENAI_TRANSCRIPTION_MODEL = re.compile(r"^(whisper-1|gpt-4o[\w.-]*-transcribe[\w.-]*)$", re.IGNORECASE)
+# Events a subscriber (a sideband) may leave unread before it is dropped: a reader that stopped
+# must cost bounded memory and never hold up the session or its own transport.
+SUBSCRIBER_MAX_PENDING = 4096
 
 
 class InvalidSessionConfig(ValueError):
@@ -64,6 +67,8 @@ class RealtimeSession:
     - ``await start()`` queues ``session.created``.
     - ``await handle_text(raw)`` processes one client event; bad input becomes an `error` event.
     - ``outbox``: asyncio.Queue of server events (JSON-ready dicts), in order; ``None`` after close.
+    - ``subscribe()`` / ``unsubscribe(queue)``: more readers of the same events (sidebands), from
+      the moment they subscribe; each queue gets ``None`` when the session closes or drops it.
     - ``await close()``: cancels everything the session runs; idempotent.
     """
 
@@ -80,6 +85,8 @@ class RealtimeSession:
         self.transport = transport
         self.id = new_id("sess")
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        # Extra readers (subscribe()), each with the most events it may leave unread.
+        self._subscribers: dict[asyncio.Queue[dict[str, Any] | None], int] = {}
         self.closed = False
         self.conversation = Conversation(new_id("conv"))
         self.config = SessionConfig(
@@ -136,7 +143,42 @@ class RealtimeSession:
     def emit(self, event: ev.ServerEvent) -> None:
         if not self.closed:
             self.ctx.stats.event_sent(event)
-            self.outbox.put_nowait(event.wire())
+            wire = event.wire()
+            self.outbox.put_nowait(wire)
+            for queue, limit in list(self._subscribers.items()):
+                if queue.qsize() >= limit:
+                    self._drop_subscriber(queue, limit)
+                else:
+                    queue.put_nowait(wire)
+
+    def subscribe(self, limit: int = SUBSCRIBER_MAX_PENDING) -> asyncio.Queue[dict[str, Any] | None]:
+        """A queue of every event emitted from now on (the same dicts as `outbox`; do not mutate them).
+
+        It gets ``None`` when the session closes, or when `limit` events are left unread: then the
+        subscriber is dropped (its backlog discarded) rather than slowing or growing the session.
+        """
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        if self.closed:
+            queue.put_nowait(None)
+        else:
+            self._subscribers[queue] = max(1, limit)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
+        """Stop feeding `queue` (its reader went away); unknown queues are ignored."""
+        self._subscribers.pop(queue, None)
+
+    @property
+    def subscriber_count(self) -> int:
+        """Readers besides `outbox` (sidebands), so a transport can cap them."""
+        return len(self._subscribers)
+
+    def _drop_subscriber(self, queue: asyncio.Queue[dict[str, Any] | None], limit: int) -> None:
+        self._subscribers.pop(queue, None)
+        while not queue.empty():
+            queue.get_nowait()
+        queue.put_nowait(None)
+        log.warning("session %s: dropped an event subscriber that left %d events unread", self.id, limit)
 
     async def handle_text(self, raw: str | bytes) -> None:
         """Process one client event; every failure is answered with an `error` event."""
@@ -198,6 +240,9 @@ class RealtimeSession:
         self.closed = True
         self.ctx.stats.session_ended(self.id, self.transport)
         self.outbox.put_nowait(None)
+        for queue in self._subscribers:
+            queue.put_nowait(None)
+        self._subscribers.clear()
 
     # ------------------------------------------------------------------ helpers used by responses
 

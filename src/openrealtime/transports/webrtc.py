@@ -392,6 +392,8 @@ class Call:
         self._send_ready = asyncio.Event()
         self._send_ready.set()
         self._inbound: asyncio.Queue[str | bytes] = asyncio.Queue()
+        # Client events come from the data channel and from sidebands: one is applied at a time.
+        self._handling = asyncio.Lock()
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)
@@ -557,14 +559,19 @@ class Call:
                 self._send_ready.clear()
                 await self._send_ready.wait()
 
-    async def _read_events(self) -> None:
-        """Data channel -> session, one event at a time so their order is kept."""
-        while True:
-            raw = await self._inbound.get()
+    async def handle_client_event(self, raw: str | bytes) -> None:
+        """Apply one client event (data channel or sideband); never two at once, so each event's
+        handler finishes before the next starts, whichever connection sent it."""
+        async with self._handling:
             try:
                 await self.session.handle_text(raw)
             except Exception:  # the engine reports bad input as error events; this is a bug
                 log.exception("call %s: session failed to handle an event", self.id)
+
+    async def _read_events(self) -> None:
+        """Data channel -> session, one event at a time so their order is kept."""
+        while True:
+            await self.handle_client_event(await self._inbound.get())
 
     async def _drain_track(self, track: MediaStreamTrack) -> None:
         """Pull frames nobody uses (a second audio track, video) so aiortc's queue never grows."""

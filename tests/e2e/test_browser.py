@@ -193,7 +193,10 @@ def check_conversation(report: dict[str, Any]) -> None:
     [answer] = [e for e in events if e["type"] == "response.output_audio_transcript.done"]
     assert answer["response_id"] == response_id and answer["transcript"].strip(), answer
     [done] = [e for e in events if e["type"] == "response.done"]
-    assert done["response"]["id"] == response_id and done["response"]["status"] == "completed", done
+    # A normal answer: complete, or capped by the session's max_output_tokens (SmolLM2 rambles).
+    assert done["response"]["id"] == response_id, done
+    assert done["response"]["status"] == "completed" or done["response"]["status_details"] == {
+        "type": "incomplete", "reason": "max_output_tokens"}, done
     assert events[index(types, "output_audio_buffer.started")]["response_id"] == response_id
     assert "response.output_audio.delta" not in types  # on WebRTC the audio goes over the media track
 

@@ -90,7 +90,10 @@ async def test_spoken_question_gets_a_spoken_answer(server: Server):
         assert "".join(deltas).strip()
         assert "response.output_audio.delta" not in types  # WebRTC audio goes over the track
         [done] = [e for e in events if e["type"] == "response.done"]
-        assert done["response"]["id"] == response_id and done["response"]["status"] == "completed"
+        assert done["response"]["id"] == response_id
+        # A normal answer: complete, or capped by the session's max_output_tokens (SmolLM2 rambles).
+        assert done["response"]["status"] == "completed" or done["response"]["status_details"] == {
+            "type": "incomplete", "reason": "max_output_tokens"}, done
         assert events[-1]["response_id"] == response_id
 
         # The client heard the reply: loud frames while it played, silence before the question.

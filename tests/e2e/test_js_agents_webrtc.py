@@ -29,6 +29,7 @@ from ..audio_fixtures import speech_available
 from .chromium import fake_mic_args, require_chromium, spoken_wav
 from .conftest import ARTIFACTS, Server, assert_valid_server_event
 from .js_sdk import js_sdk_dir
+from .test_browser import AUDIBLE_RMS, DONE, WAIT_S  # the same page-side wait and loudness bar
 from .zod_check import ZodValidator, format_failure
 
 pytestmark = [
@@ -38,15 +39,6 @@ pytestmark = [
 
 QUESTION = "What is the capital of France?"
 LEAD_SILENCE_MS = 2500  # the fake mic starts at the SDK's getUserMedia; the call is up well within this
-AUDIBLE_RMS = 0.01
-WAIT_S = 90
-DONE = """() => {
-    if (!window.state || !window.events) return false;
-    const types = new Set(window.events.map((e) => e.type));
-    return window.state.phase === "failed" || (types.has("response.done")
-        && types.has("conversation.item.input_audio_transcription.completed")
-        && types.has("output_audio_buffer.stopped"));
-}"""
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..protocol.text import dumps_event
 from .webrtc import Call
+from .websocket import next_frame
 
 log = logging.getLogger("openrealtime.sideband")
 
@@ -37,13 +38,7 @@ async def _send_events(ws: WebSocket, queue: asyncio.Queue[dict[str, Any] | None
 
 
 async def _receive_events(ws: WebSocket, call: Call) -> None:
-    while True:
-        message = await ws.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        data = message.get("text")
-        if data is None:
-            data = message.get("bytes") or b""
+    while (data := await next_frame(ws)) is not None:
         # Shielded: a handler cut off half-way (this socket closing) could leave the session inconsistent.
         await asyncio.shield(call.handle_client_event(data))
 

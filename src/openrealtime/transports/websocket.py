@@ -19,19 +19,22 @@ async def _pump(ws: WebSocket, session: RealtimeSession) -> None:
         await ws.send_text(dumps_event(event))
 
 
+async def next_frame(ws: WebSocket) -> str | bytes | None:
+    """The client's next text (or binary) frame; None once it has gone."""
+    message = await ws.receive()
+    if message["type"] == "websocket.disconnect":
+        return None
+    data = message.get("text")
+    return data if data is not None else message.get("bytes") or b""
+
+
 async def serve_websocket(ws: WebSocket, session: RealtimeSession) -> None:
     """Run until either side goes away; the session and its tasks are always cleaned up."""
     log.info("websocket session %s opened", session.id)
     await session.start()
     sender = asyncio.create_task(_pump(ws, session), name=f"ws-send-{session.id}")
     try:
-        while True:
-            message = await ws.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            data = message.get("text")
-            if data is None:
-                data = message.get("bytes") or b""
+        while (data := await next_frame(ws)) is not None:
             await session.handle_text(data)
             if sender.done():  # the socket broke while sending
                 break

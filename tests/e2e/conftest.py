@@ -34,6 +34,17 @@ def assert_valid_server_event(event: dict) -> None:
     assert_valid_zod(event)
 
 
+def invalid_events(events: list[dict]) -> list[tuple[str | None, str]]:
+    """(type, reason) of every event that fails `assert_valid_server_event`: all of them, not the first."""
+    invalid = []
+    for event in events:
+        try:
+            assert_valid_server_event(event)
+        except Exception as exc:
+            invalid.append((event.get("type"), str(exc)[:500]))
+    return invalid
+
+
 def client(server: Server, key: str | None = None) -> AsyncOpenAI:
     """The official SDK pointed at our server (HTTP and WebSocket)."""
     return AsyncOpenAI(api_key=key or server.api_key, base_url=f"{server.base_url}/v1",

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -38,11 +37,9 @@ from openrealtime.backends.gguf import (
 )
 from openrealtime.backends.llm import ChatMessage, GenerationParams, LLMBackend, LLMError, LLMEvent, ToolSpec
 from openrealtime.config import Settings
+from openrealtime.protocol.session import OPENAI_REALTIME_MODEL
 
 logger = logging.getLogger(__name__)
-# OpenAI's realtime model names: every OpenAI client sends one; the default model serves them
-# even with `strict_names`.
-_OPENAI_REALTIME_MODEL = re.compile(r"^gpt-[\w.-]*realtime", re.IGNORECASE)
 
 BackendFactory = Callable[..., LLMBackend]
 
@@ -138,7 +135,7 @@ class LLMRegistry:
             known = get_known_model(requested)
             if known is not None:
                 return known.name, False
-            if self._settings.strict_names and not _OPENAI_REALTIME_MODEL.match(requested) \
+            if self._settings.strict_names and not OPENAI_REALTIME_MODEL.match(requested) \
                     and requested != self._settings.llm_model.strip():
                 raise LLMError(f"Unknown model '{requested}'. This server has: "
                                f"{', '.join(m['id'] for m in self.available_models())}.",

@@ -12,7 +12,6 @@ import binascii
 import contextlib
 import json
 import logging
-import re
 import time
 from typing import Any, Literal
 
@@ -26,7 +25,13 @@ from ..protocol.errors import ProtocolError, from_validation_error
 from ..protocol.events import CLIENT_EVENT_MODELS, CLIENT_EVENT_TYPES, new_id
 from ..protocol.items import ContentPart, Item
 from ..protocol.limits import loads_limited
-from ..protocol.session import READ_ONLY_FIELDS, SessionConfig, deep_merge
+from ..protocol.session import (
+    OPENAI_REALTIME_MODEL,
+    OPENAI_TRANSCRIPTION_MODEL,
+    READ_ONLY_FIELDS,
+    SessionConfig,
+    deep_merge,
+)
 from ..protocol.text import find_lone_surrogate, scrub, top_level_event_id
 from .context import EngineContext
 from .conversation import Conversation
@@ -40,10 +45,6 @@ log = logging.getLogger(__name__)
 
 # A commit needs at least this much audio (same rule as the hosted API).
 MIN_COMMIT_MS = 100
-# OpenAI's own model names, which every OpenAI client sends: served quietly (no substitution log)
-# and accepted even with `strict_names`.
-_OPENAI_MODEL = re.compile(r"^gpt-[\w.-]*realtime", re.IGNORECASE)
-_OPENAI_TRANSCRIPTION_MODEL = re.compile(r"^(whisper-1|gpt-4o[\w.-]*-transcribe[\w.-]*)$", re.IGNORECASE)
 # Events a subscriber (a sideband) may leave unread before it is dropped: a reader that stopped
 # must cost bounded memory and never hold up the session or its own transport.
 SUBSCRIBER_MAX_PENDING = 4096
@@ -287,18 +288,18 @@ class RealtimeSession:
         if self.ctx.effective_model is not None:
             used = self.ctx.effective_model(config.model)
             if used != config.model:
-                if not _OPENAI_MODEL.match(config.model or ""):
+                if not OPENAI_REALTIME_MODEL.match(config.model or ""):
                     self._note_substitution("model", config.model, used)
                 config.model = used
         transcription = config.audio.input.transcription
         stt = self.ctx.stt
         if transcription is not None and stt is not None and transcription.model != stt.name:
             requested = transcription.model or ""
-            if self.ctx.strict_names and requested and not _OPENAI_TRANSCRIPTION_MODEL.match(requested):
+            if self.ctx.strict_names and requested and not OPENAI_TRANSCRIPTION_MODEL.match(requested):
                 raise ProtocolError(f"Unknown transcription model '{requested}'. This server transcribes with "
                                     f"'{stt.name}'.", code="invalid_value",
                                     param=f"{prefix}.audio.input.transcription.model")
-            if requested and not _OPENAI_TRANSCRIPTION_MODEL.match(requested):
+            if requested and not OPENAI_TRANSCRIPTION_MODEL.match(requested):
                 self._note_substitution("transcription model", requested, stt.name)
             transcription.model = stt.name
         return config

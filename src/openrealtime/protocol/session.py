@@ -6,11 +6,16 @@ Models are strict about unknown fields (``extra="forbid"``) so a typo in a clien
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Modality = Literal["text", "audio"]
+# OpenAI's own model names, which every OpenAI client sends: the default model serves them quietly
+# (no substitution logged), even with `strict_names`.
+OPENAI_REALTIME_MODEL = re.compile(r"^gpt-[\w.-]*realtime", re.IGNORECASE)
+OPENAI_TRANSCRIPTION_MODEL = re.compile(r"^(whisper-1|gpt-4o[\w.-]*-transcribe[\w.-]*)$", re.IGNORECASE)
 
 
 class _Model(BaseModel):

@@ -47,7 +47,7 @@ from ..audio.output import AudioOutput
 from ..audio.player import PacedAudioTrack
 from ..config import IceConfig, Settings
 from ..engine import EngineContext, InvalidSessionConfig, RealtimeSession
-from ..protocol.events import new_id
+from ..protocol.events import ErrorDetail, ErrorEvent
 from ..protocol.text import dumps_event
 
 log = logging.getLogger("openrealtime.webrtc")
@@ -108,9 +108,9 @@ def fit_message(event: dict[str, Any], limit: int) -> str:
     `error` naming it, so the call goes on and the client learns what it missed.
     """
     text = dumps_event(event)
-    if not limit or len(text.encode("utf-8")) <= limit:
-        return text
     size = len(text.encode("utf-8"))
+    if not limit or size <= limit:
+        return text
     if event.get("type") == "conversation.item.retrieved":
         item = dict(event.get("item") or {})
         item["content"] = [{k: v for k, v in part.items() if k != "audio"} for part in item.get("content") or []]
@@ -119,13 +119,11 @@ def fit_message(event: dict[str, Any], limit: int) -> str:
             return slim
     log.warning("a %s event of %d bytes exceeds the peer's data-channel limit of %d bytes; sent an error instead",
                 event.get("type"), size, limit)
-    return dumps_event({
-        "type": "error", "event_id": new_id("event"),
-        "error": {"type": "invalid_request_error", "code": "event_too_large", "param": None, "event_id": None,
-                  "message": f"The server event '{event.get('type')}' ({size} bytes) is larger than the "
-                             f"{limit}-byte messages this data channel accepts, so it was not sent. Its "
-                             "effect (if any) still applies; read large state over a WebSocket instead."},
-    })
+    return dumps_event(ErrorEvent(error=ErrorDetail(
+        type="invalid_request_error", code="event_too_large",
+        message=f"The server event '{event.get('type')}' ({size} bytes) is larger than the {limit}-byte "
+                "messages this data channel accepts, so it was not sent. Its effect (if any) still applies; "
+                "read large state over a WebSocket instead.")).wire())
 
 
 def parse_offer(offer_sdp: str) -> aiortc_sdp.SessionDescription:

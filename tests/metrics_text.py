@@ -1,58 +1,30 @@
-"""A strict reader of the Prometheus text format (0.0.4) for the tests and bench/soak.py.
+"""Reading GET /metrics in the tests and bench/soak.py, with prometheus_client's own parser.
 
-Strict on purpose: a line a Prometheus server would reject (a sample before its TYPE, a bad name,
-an unescaped quote, a non-numeric value) raises instead of being skipped.
+`text_string_to_metric_families` is lenient where a Prometheus server would not be (a sample with
+no TYPE becomes `unknown`, a repeated sample is kept twice), so `parse` adds those checks: the tests
+should fail on an exposition a scrape would choke on.
 """
 
 from __future__ import annotations
 
-import re
-
-_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-_SAMPLE = re.compile(rf"^({_NAME})(?:\{{(.*)\}})? (\S+)$")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|$)')
-_TYPES = {"counter", "gauge", "histogram", "summary", "untyped"}
+from prometheus_client.parser import text_string_to_metric_families
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
 
 
-def _labels(text: str) -> tuple[tuple[str, str], ...]:
-    out, pos = [], 0
-    while pos < len(text):
-        match = _LABEL.match(text, pos)
-        if match is None:
-            raise ValueError(f"bad labels: {text!r}")
-        value = match.group(2).replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
-        out.append((match.group(1), value))
-        pos = match.end()
-    return tuple(sorted(out))
-
-
 def parse(text: str) -> dict[Key, float]:
-    """Samples by (name, sorted labels); every family must be declared by HELP and TYPE first."""
+    """Samples by (sample name, sorted labels): histograms give `_bucket`, `_count` and `_sum`."""
     if not text.endswith("\n"):
         raise ValueError("the exposition must end with a newline")
-    typed: dict[str, str] = {}
     samples: dict[Key, float] = {}
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ", 3)
-            if kind not in _TYPES or name in typed:
-                raise ValueError(f"bad TYPE line: {line!r}")
-            typed[name] = kind
-            continue
-        match = _SAMPLE.match(line)
-        if match is None:
-            raise ValueError(f"bad sample line: {line!r}")
-        name, labels, value = match.groups()
-        if name not in typed:
-            raise ValueError(f"sample before its TYPE: {line!r}")
-        key = (name, _labels(labels or ""))
-        if key in samples:
-            raise ValueError(f"duplicate sample: {line!r}")
-        samples[key] = float(value)
+    for family in text_string_to_metric_families(text):
+        if family.type == "unknown":
+            raise ValueError(f"family without a TYPE: {family.name}")
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            if key in samples:
+                raise ValueError(f"duplicate sample: {key}")
+            samples[key] = float(sample.value)
     return samples
 
 
@@ -61,6 +33,7 @@ def value(samples: dict[Key, float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def total(samples: dict[Key, float], name: str) -> float:
-    """The sum over every label set of one family."""
-    return sum(v for (n, _), v in samples.items() if n == name)
+def total(samples: dict[Key, float], name: str, **labels: str) -> float:
+    """The sum over every label set of one sample name that has `labels` among its own."""
+    want = set(labels.items())
+    return sum(v for (n, lb), v in samples.items() if n == name and want <= set(lb))

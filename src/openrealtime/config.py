@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     llm_model: str = "qwen2.5-1.5b"
     llm_context: int = 4096
     llm_threads: int = 0
+    # Conversations whose KV cache a local model keeps at once (and that it decodes in one batch),
+    # and the cache cells they share (0: 4 x llm_context).
+    llm_parallel: int = Field(default=16, ge=1, le=256)
+    llm_cache_tokens: int = Field(default=0, ge=0)
     # Allow sessions to pick any local .gguf path through the session `model` field.
     allow_model_paths: bool = False
     model_cache_dir: Path = Field(
@@ -125,7 +129,8 @@ class Settings(BaseSettings):
     vad_model: str | None = None  # a Silero v6 ONNX file; default: the one faster-whisper ships
     stt_enabled: bool = True
     stt_model: str | None = None  # a CTranslate2 Whisper directory; default: the bundled tiny.en
-    stt_threads: int = 2
+    # One: tiny.en is no faster with two on 2 cores, and a second thread takes the LLM's core.
+    stt_threads: int = 1
     stt_beam_size: int = 1
     stt_compute_type: str = "int8"
     tts_enabled: bool = True

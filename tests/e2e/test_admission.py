@@ -21,7 +21,10 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from tests.metrics_text import value
+
 from .conftest import Server, client, collect, start_server, stop_server
+from .test_metrics import scrape
 from .webrtc_client import Peer, hangup, open_call, post_offer, wait_for_log
 
 pytestmark = pytest.mark.e2e
@@ -143,6 +146,8 @@ async def test_sessions_beyond_the_limit_are_refused_and_a_closed_one_frees_its_
 
 
 async def test_an_abrupt_disconnect_frees_its_slot(limited: Server, sockets: list[ClientConnection]):
+    refused = {"reason": "session_limit_reached"}
+    before = value(await scrape(limited), "openrealtime_sessions_refused_total", **refused)
     sockets.append(await open_ws(limited))
     gone = await open_ws(limited)
     assert_refused(*await ws_refusal(limited), 429, "session_limit_reached")
@@ -150,6 +155,8 @@ async def test_an_abrupt_disconnect_frees_its_slot(limited: Server, sockets: lis
     await wait_for_log(limited, rf"websocket session {SESSION_IDS.pop(gone)} closed")
     sockets.append(await open_ws(limited))  # its slot is back
     assert_refused(*await ws_refusal(limited), 429, "session_limit_reached")
+    # /metrics counts each refusal (and nothing else: the admitted sessions are not refusals)
+    assert value(await scrape(limited), "openrealtime_sessions_refused_total", **refused) == before + 2
 
 
 async def test_failed_call_negotiations_give_their_slots_back(limited: Server, sockets: list[ClientConnection]):
@@ -284,6 +291,9 @@ async def test_sigterm_drains_the_live_sessions_then_exits_cleanly():
         finally:
             await other.close()
         assert_refused(response.status_code, response.headers, response.json(), 503, "draining")
+        samples = await scrape(server)  # a fresh server: exactly the three refusals above
+        assert value(samples, "openrealtime_sessions_refused_total", reason="draining") == 3
+        assert value(samples, "openrealtime_sessions_refused_total", reason="session_limit_reached") == 0
         assert server.proc.poll() is None
         # Then both sessions are closed: a close frame for the WebSocket, a teardown for the call.
         with pytest.raises(websockets.ConnectionClosed):

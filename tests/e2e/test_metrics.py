@@ -1,12 +1,17 @@
-"""GET /metrics on the real server: keyed like /v1/models, and the counters follow real sessions."""
+"""GET /metrics on the real server: keyed like /v1/models, and the counters follow real sessions.
+
+Parsed with prometheus_client's own parser (tests/metrics_text.py), after real turns.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import httpx
 import pytest
 
+from tests.audio_fixtures import silence, speak, speech_available
 from tests.metrics_text import parse, total, value
 
 from .conftest import Server, client, collect
@@ -73,6 +78,77 @@ async def test_a_websocket_turn_moves_the_counters(server: Server):
     # delete, session.update, item.create, response.create
     assert value(after, "openrealtime_events_received_total") >= \
         value(before, "openrealtime_events_received_total") + 4
+    # The text turn's stages, timed from response.create (no speech behind it).
+    text_turn = {"since": "response_created", "transport": "websocket"}
+    assert value(after, "openrealtime_turns_total", **text_turn) == \
+        value(before, "openrealtime_turns_total", **text_turn) + 1
+    first_token = {"stage": "llm_first_token", **text_turn}
+    assert value(after, "openrealtime_turn_stage_seconds_count", **first_token) == \
+        value(before, "openrealtime_turn_stage_seconds_count", **first_token) + 1
+    seconds = value(after, "openrealtime_turn_stage_seconds_sum", **first_token) - \
+        value(before, "openrealtime_turn_stage_seconds_sum", **first_token)
+    assert 0 < seconds < 30, seconds
+    assert value(after, "openrealtime_turn_stage_seconds_bucket", le="+Inf", **first_token) == \
+        value(after, "openrealtime_turn_stage_seconds_count", **first_token)
+    # The LLM scheduler's own series: the reply's tokens, its decode steps and its queue wait.
+    generated = total(after, "openrealtime_llm_tokens_total", kind="generated") - \
+        total(before, "openrealtime_llm_tokens_total", kind="generated")
+    assert generated == done["usage"]["output_tokens"] > 0
+    assert total(after, "openrealtime_llm_tokens_total", kind="prompt") > \
+        total(before, "openrealtime_llm_tokens_total", kind="prompt")
+    steps = "openrealtime_llm_batch_sequences_count"
+    assert total(after, steps) > total(before, steps)
+    assert total(after, "openrealtime_llm_queue_wait_seconds_count") == \
+        total(before, "openrealtime_llm_queue_wait_seconds_count") + 1
+    decode = "openrealtime_llm_decode_seconds_total"
+    assert total(after, decode) > total(before, decode)
+    assert total(after, "openrealtime_llm_active_requests") == 0
+
+
+RATE = 24_000
+
+
+@pytest.mark.skipif(not speech_available(), reason="needs Piper to synthesize the question")
+async def test_a_spoken_turn_fills_the_stage_histograms(server: Server):
+    """Every stage of a spoken turn, timed from the end of the speech as the server received it."""
+    question = speak("What is two plus two?", RATE)
+    before = await scrape(server)
+    async with client(server).realtime.connect(model="gpt-realtime") as conn:
+        await collect(conn, "session.created")
+        await conn.session.update(session={
+            "type": "realtime", "output_modalities": ["audio"],
+            "instructions": "Answer in one short sentence.",
+            "audio": {"input": {"transcription": {"model": "whisper-1"},
+                                "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
+        await collect(conn, "session.updated")
+
+        async def mic() -> None:  # in real time, 100 ms chunks, like a microphone
+            pcm = silence(300, RATE) + question + silence(1200, RATE)
+            step = RATE // 10 * 2
+            for i in range(0, len(pcm), step):
+                await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + step]).decode())
+                await asyncio.sleep(0.1)
+
+        sending = asyncio.create_task(mic())
+        try:
+            await collect(conn, "response.done")
+        finally:
+            await sending
+    after = await scrape(server)
+    spoken = {"since": "speech_end", "transport": "websocket"}
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **spoken, **labels) - value(before, name, **spoken, **labels)
+
+    assert delta("openrealtime_turns_total") == 1
+    for stage in ("speech_stopped", "stt_done", "prompt_ready", "llm_first_token", "first_clause",
+                  "tts_first_chunk", "audio_out"):
+        assert delta("openrealtime_turn_stage_seconds_count", stage=stage) == 1, stage
+    # The VAD decides after the 500 ms silence wait (plus a VAD frame or two, and chunking).
+    decided = delta("openrealtime_turn_stage_seconds_sum", stage="speech_stopped")
+    assert 0.45 <= decided < 1.5, decided
+    first_audio = delta("openrealtime_turn_stage_seconds_sum", stage="audio_out")
+    assert decided < first_audio < 30, (decided, first_audio)
 
 
 async def test_a_webrtc_call_is_counted_while_it_lasts(server: Server):

@@ -162,7 +162,16 @@ async def test_task_cancellation_stops_generation(backend: LlamaCppBackend) -> N
     assert finished.usage.completion_tokens <= 4
 
 
-async def test_request_cancelled_while_queued_never_runs(backend: LlamaCppBackend) -> None:
+@pytest.fixture(scope="module")
+async def single_slot(model_path: Path) -> AsyncIterator[LlamaCppBackend]:
+    """One conversation at a time: a second request waits for the slot (the queue-path tests)."""
+    llm = await asyncio.to_thread(LlamaCppBackend, model_path, n_ctx=1024, n_threads=1, n_parallel=1)
+    yield llm
+    await llm.close()
+
+
+async def test_request_cancelled_while_queued_never_runs(single_slot: LlamaCppBackend) -> None:
+    backend = single_slot
     before = dict(backend.stats)
     params = GenerationParams(temperature=0, max_tokens=40)
     busy = asyncio.create_task(collect(backend, ask("Tell a story."), params))
@@ -380,7 +389,7 @@ async def test_registry_model_paths(tmp_path: Path, model_path: Path) -> None:
 class _FakeBackend:
     """Stands in for a loaded model in the eviction test (no weights needed)."""
 
-    def __init__(self, path: Path, *, n_ctx: int, n_threads: int, name: str) -> None:
+    def __init__(self, path: Path, *, n_ctx: int, n_threads: int, name: str, **_: object) -> None:
         self.name, self.context_length, self.closed = name, n_ctx, False
 
     async def stream(self, messages, params):

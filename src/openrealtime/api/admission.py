@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from fastapi.responses import JSONResponse
 from starlette.requests import HTTPConnection
 
+from ..telemetry import SESSIONS_REFUSED
 from .errors import APIError, error_body
 
 if TYPE_CHECKING:
@@ -86,12 +87,14 @@ class Admission:
         """
         retry = {"Retry-After": str(self.retry_after_s)}
         if self.draining:
+            SESSIONS_REFUSED.labels(reason="draining").inc()
             raise APIError(503, "This server is shutting down and accepts no new sessions; connect again "
                            "(to another server).", type="server_error", code="draining", headers=retry)
         if self.max_sessions is not None and len(self._slots) >= self.max_sessions:
             if not self._refusing:
                 self._refusing = True
                 log.warning("Refusing new sessions: %d live, max_sessions=%d", len(self._slots), self.max_sessions)
+            SESSIONS_REFUSED.labels(reason="session_limit_reached").inc()
             raise APIError(429, f"This server is at its limit of {self.max_sessions} concurrent Realtime "
                            f"sessions; try again in {self.retry_after_s} s.", type="rate_limit_error",
                            code="session_limit_reached", headers=retry)

@@ -1,24 +1,36 @@
-"""`GET /metrics`: process and engine gauges in the Prometheus text format (version 0.0.4).
+"""`GET /metrics`: Prometheus text format (0.0.4), rendered by prometheus_client.
 
-Hand-written rather than via prometheus_client: a dozen series do not justify a dependency, and
-the engine's counters (engine/stats.py) stay plain numbers with no registry behind them. The route
-takes the same API key as /v1/models, so session and error counts are not public on a keyed server.
+Two sources in one exposition: the process-wide metric objects of `openrealtime.telemetry.REGISTRY`
+(turn stage latencies, refused sessions, paced-audio health, LLM serving), and `ServerCollector`,
+which reads this app's state at scrape time (process figures from /proc, event-loop tasks, live
+WebRTC calls, and the engine's session/response/error counts in engine/stats.py). The latter are
+per app rather than registry objects, so every app in one process (tests) counts its own sessions.
+
+The route takes the same API key as /v1/models, so session and error counts are not public on a
+keyed server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
 
 from ..engine.stats import TRANSPORTS, EngineStats
+from ..telemetry import REGISTRY
 from .auth import require_key
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# 0.0.4, not prometheus_client's newer default (1.0.0): every Prometheus server reads it, and our
+# metric names need none of 1.0.0's UTF-8 escaping.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 router = APIRouter()
 
@@ -51,50 +63,60 @@ def sample_process(pid: int | str = "self") -> ProcessSample:
     return ProcessSample(rss, fds, threads)
 
 
-def _label_value(value: str) -> str:
-    # The exposition format escapes exactly these three in label values.
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class ServerCollector(Collector):
+    """This app's figures as metric families, computed when scraped (nothing to keep in sync)."""
+
+    def __init__(self, stats: EngineStats, process: ProcessSample, *, asyncio_tasks: int,
+                 webrtc_calls: int) -> None:
+        self.stats = stats
+        self.process = process
+        self.asyncio_tasks = asyncio_tasks
+        self.webrtc_calls = webrtc_calls
+
+    def collect(self) -> Iterator[Metric]:
+        stats, process = self.stats, self.process
+        for name, help_text, value in (
+            ("openrealtime_process_resident_memory_bytes", "Resident set size of the server process.",
+             process.resident_memory_bytes),
+            ("openrealtime_process_open_fds", "Open file descriptors of the server process.", process.open_fds),
+            ("openrealtime_process_threads", "OS threads of the server process.", process.threads),
+        ):
+            if value is not None:  # left out where /proc cannot be read
+                yield GaugeMetricFamily(name, help_text, value=value)
+        yield GaugeMetricFamily("openrealtime_asyncio_tasks", "Tasks alive on the server's event loop.",
+                                value=self.asyncio_tasks)
+        active = GaugeMetricFamily("openrealtime_sessions_active", "Realtime sessions open now, by transport.",
+                                   labels=["transport"])
+        for transport in TRANSPORTS:
+            active.add_metric([transport], stats.sessions_active(transport))
+        yield active
+        yield _counter("openrealtime_sessions", "Realtime sessions started, by transport.", "transport",
+                       stats.sessions_started)
+        yield GaugeMetricFamily("openrealtime_webrtc_calls_active", "WebRTC calls live now.", value=self.webrtc_calls)
+        yield _counter("openrealtime_responses", "Responses ended (response.done), by status.", "status",
+                       stats.responses)
+        yield CounterMetricFamily("openrealtime_events_received", "Client events received by sessions.",
+                                  value=stats.events_received)
+        yield _counter("openrealtime_errors_sent", "`error` events sent to clients, by code.", "code", stats.errors)
 
 
-def _family(name: str, kind: str, help_text: str,
-            samples: Iterable[tuple[Mapping[str, str], float | int]]) -> list[str]:
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    for labels, value in samples:
-        rendered = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
-        lines.append(f"{name}{{{rendered}}} {value}" if rendered else f"{name} {value}")
-    return lines
+def _counter(name: str, help_text: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, help_text, labels=[label])
+    for key, n in sorted(counts.items()):
+        family.add_metric([key], n)
+    return family
 
 
-def render(stats: EngineStats, process: ProcessSample, *, asyncio_tasks: int, webrtc_calls: int) -> str:
-    """The whole exposition: one HELP/TYPE block per metric family, newline-terminated."""
-    lines: list[str] = []
-    for name, help_text, value in (
-        ("openrealtime_process_resident_memory_bytes", "Resident set size of the server process.",
-         process.resident_memory_bytes),
-        ("openrealtime_process_open_fds", "Open file descriptors of the server process.", process.open_fds),
-        ("openrealtime_process_threads", "OS threads of the server process.", process.threads),
-    ):
-        if value is not None:
-            lines += _family(name, "gauge", help_text, [({}, value)])
-    lines += _family("openrealtime_asyncio_tasks", "gauge", "Tasks alive on the server's event loop.",
-                     [({}, asyncio_tasks)])
-    lines += _family("openrealtime_sessions_active", "gauge", "Realtime sessions open now, by transport.",
-                     [({"transport": t}, stats.sessions_active(t)) for t in TRANSPORTS])
-    lines += _family("openrealtime_sessions_total", "counter", "Realtime sessions started, by transport.",
-                     [({"transport": t}, n) for t, n in sorted(stats.sessions_started.items())])
-    lines += _family("openrealtime_webrtc_calls_active", "gauge", "WebRTC calls live now.", [({}, webrtc_calls)])
-    lines += _family("openrealtime_responses_total", "counter", "Responses ended (response.done), by status.",
-                     [({"status": s}, n) for s, n in sorted(stats.responses.items())])
-    lines += _family("openrealtime_events_received_total", "counter", "Client events received by sessions.",
-                     [({}, stats.events_received)])
-    lines += _family("openrealtime_errors_sent_total", "counter", "`error` events sent to clients, by code.",
-                     [({"code": c}, n) for c, n in sorted(stats.errors.items())])
-    return "\n".join(lines) + "\n"
+def render(stats: EngineStats, process: ProcessSample, *, asyncio_tasks: int, webrtc_calls: int,
+           registry: CollectorRegistry = REGISTRY) -> str:
+    """The whole exposition: this app's figures, then the process-wide registry's metrics."""
+    server = ServerCollector(stats, process, asyncio_tasks=asyncio_tasks, webrtc_calls=webrtc_calls)
+    return (generate_latest(server) + generate_latest(registry)).decode("utf-8")
 
 
 @router.get("/metrics", dependencies=[Depends(require_key)], include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    """Scrape target; cheap enough to poll every few seconds (a /proc read and a few counters)."""
+    """Scrape target; cheap enough to poll every few seconds (a /proc read and in-memory counters)."""
     state = request.app.state
     body = render(state.engine.stats, sample_process(), asyncio_tasks=len(asyncio.all_tasks()),
                   webrtc_calls=len(state.calls))

@@ -21,6 +21,7 @@ import soxr
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
+from ..telemetry import AUDIO_FRAMES_DROPPED, AUDIO_FRAMES_LATE
 from .output import OUTPUT_RATE, Cleared, PlaybackListener
 
 log = logging.getLogger("openrealtime.player")
@@ -34,6 +35,11 @@ _SILENCE = bytes(FRAME_SAMPLES * 2)
 # A consumer this late (a stalled event loop) skips ahead instead of sending a burst of frames
 # that the receiver's jitter buffer would have to absorb as added latency.
 _MAX_LAG_S = 3 * FRAME_SAMPLES / RATE
+_FRAME_S = FRAME_SAMPLES / RATE
+# Pacing health in /metrics, per transport (this track is WebRTC's), never per call: a late frame
+# left recv() more than one frame after its slot, a dropped one is a slot skipped after a stall.
+_LATE = AUDIO_FRAMES_LATE.labels(transport="webrtc")
+_DROPPED = AUDIO_FRAMES_DROPPED.labels(transport="webrtc")
 _ITEMS_KEPT = 64  # per-item played counters kept for truncation lookups
 _CLEARED_KEPT = 32
 
@@ -184,7 +190,11 @@ class PacedAudioTrack(MediaStreamTrack):
                     raise MediaStreamError
             elif delay < -_MAX_LAG_S:
                 # Skip the frames we missed; the pts jump tells the receiver about the gap.
-                self._pts = int((now - self._start) * RATE) // FRAME_SAMPLES * FRAME_SAMPLES
+                skipped_to = int((now - self._start) * RATE) // FRAME_SAMPLES * FRAME_SAMPLES
+                _DROPPED.inc(max(0, skipped_to - self._pts) // FRAME_SAMPLES)
+                self._pts = skipped_to
+            elif delay < -_FRAME_S:
+                _LATE.inc()
         frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
         frame.planes[0].update(self._next_samples())
         frame.sample_rate = RATE

@@ -1,38 +1,45 @@
 """In-process llama.cpp backend (ik_llama.cpp through the ``ik-llama-cpp-python`` ctypes bindings).
 
 Concurrency model: one model and one llama context per backend instance, shared by every session
-that uses that model. All llama.cpp work of the process (loading, prompt evaluation, generation,
-freeing) runs on a single compute thread. Generations take turns on it: each is a generator that
-pauses before every llama_decode call, and a generation that has had the model for a time slice
-(``_SLICE_S``) while others wait goes to the back of the line. One long or hostile request therefore
-delays another session's first token by about one slice plus that session's own prompt, not by
-its whole length. The llama context holds a single KV sequence, so switching between two requests
-of the same model copies the KV cache of the one that pauses out to memory and back when it
-resumes (``llama_state_seq_get/set_data``: a few milliseconds, against seconds to evaluate the
-prompt again, which stays the fallback). Serving several sequences in one batch is a possible later
-improvement.
+that uses that model, with **continuous batching** over llama.cpp sequences. The context holds
+``n_parallel`` sequences ("slots"), each the KV cache of one conversation. Every decode step
+evaluates one batch holding the next token of every generating request plus, in what is left of
+the step's token budget, pieces of the prompts of new requests; requests join and leave between
+steps. So aggregate tokens/s grows with the number of concurrent requests (a step over 8 sequences
+costs far less than 8 steps), a new turn's prompt is evaluated in the very next step instead of
+waiting behind other replies, and a long or hostile request only makes each step a little longer.
 
-Why one thread for everything: ggml computes with OpenMP, which keeps a thread team per calling
-thread. As soon as more OpenMP threads exist than cores (two calling threads x 2 threads), libgomp
-stops spin-waiting between parallel regions and decoding becomes 3-4x slower (measured on 2 cores).
+A request is given the slot of its conversation (``GenerationParams.cache_key``, the engine's
+session id), else an idle slot whose tokens its prompt extends, else an empty or the least
+recently used idle slot, into which the longest shared prefix of another slot (a common system
+prompt) is copied first (``llama_kv_cache_seq_cp`` shares the cells). So a session's prefix stays
+cached between its turns while others talk. When the cache's cells run out, idle slots are evicted
+least recently used first; a request that still cannot fit fails with ``server_overloaded``. More
+concurrent requests than slots wait in FIFO order for one to free.
 
-``stream()`` never blocks the event loop: it queues a request and receives its events through an
-``asyncio.Queue`` fed with ``call_soon_threadsafe``. Leaving the stream early (``aclose()``, task
-cancellation) sets a flag that the compute thread checks between tokens; a request abandoned while
-still queued never runs.
+All llama.cpp work of the process (loading, decode steps, freeing) runs on a single compute
+thread, which serves the backends (models) with work in turn, one step each. Why one thread:
+ggml computes with OpenMP, which keeps a thread team per calling thread. As soon as more OpenMP
+threads exist than cores (two calling threads x 2 threads), libgomp stops spin-waiting between
+parallel regions and decoding becomes 3-4x slower (measured on 2 cores). Steps of few tokens
+(generation) use ``n_threads``, steps with many (prompts) ``n_threads_batch`` (see ``__init__``).
+
+Each request is a generator that yields an ``_Eval`` (the tokens it wants evaluated next) and is
+resumed with the logits after them; the guided tool-call decoder (``tool_calling``) composes into
+it with ``yield from``. ``stream()`` never blocks the event loop: it queues a request and receives
+its events through an ``asyncio.Queue`` fed with ``call_soon_threadsafe``. Leaving the stream
+early (``aclose()``, task cancellation) sets a flag the scheduler checks before every step: the
+request leaves the batch at once (its slot keeps what was evaluated), and one still queued never
+runs.
 
 Every token a response writes counts against its budget: ``max_tokens``, or when that is None
 (``max_output_tokens: "inf"``) ``max_output_tokens`` of the backend (4096 by default, the hosted
 API's limit), and never more than the context has left. That includes schema-guided tool calls
 (see ``tool_calling``): a schema demanding more than the budget is cut with finish "length".
 
-Each backend remembers the token sequence that is in its KV cache. A new request whose prompt
-extends the previous one (the next turn of the same conversation) only evaluates the new suffix,
-which is what makes multi-turn voice latency acceptable on a CPU.
-
 The high-level ``ik_llama_cpp.IkLlama`` is not used: it hard-codes a Gemma chat template and clears
 the KV cache on every call. Only the low-level bindings are used, plus a few C functions the
-bindings do not wrap (KV-cache sequence removal, metadata, logging), declared here.
+bindings do not wrap (KV-cache sequence removal and copy, metadata, logging), declared here.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from openrealtime import telemetry
 from openrealtime.backends.llm import (
     ChatMessage,
     Finished,
@@ -81,6 +89,7 @@ from openrealtime.backends.tool_calling import (
     template_messages,
     template_supports_tools,
 )
+from openrealtime.backends.worker import busy_workers
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -102,14 +111,14 @@ _BATCH_CHECK_TEXT = (
 _BATCH_CHECK_TOLERANCE = 2.0
 # Output tokens of a response without max_tokens (``"inf"``): the hosted API's model limit.
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
-# How long a generation keeps the compute thread while others wait (see the module doc), and at
-# least this many times what switching to it cost (so that switches stay a small part of the time
-# even when a paused request's prompt must be evaluated again).
-_SLICE_S = 0.25
-_SLICE_PER_SWITCH_COST = 4
-# Most memory a backend spends on KV caches of paused requests (~23-28 KB per token for the bundled
-# models); beyond it a paused request's prompt is evaluated again when it resumes.
-_SAVED_KV_BYTES = 1 << 30
+# Sequences (conversations whose KV cache is kept) per model, and the KV cells shared by all of
+# them, as a multiple of the per-conversation context (~23-28 KB per cell for the bundled models).
+DEFAULT_PARALLEL = 16
+DEFAULT_CACHE_CONTEXTS = 4
+# Decode steps with at least this many tokens use the batch thread count (see __init__).
+_BATCH_THREADS_MIN_TOKENS = 32
+# A shared prefix (system prompt) at least this long is copied from another slot, not evaluated.
+_MIN_SHARED_PREFIX = 16
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -166,12 +175,7 @@ class _Native:
         self.n_ctx_train = bind("llama_n_ctx_train", [vp], i32)
         self.n_vocab = bind("llama_n_vocab", [vp], i32)
         self.model_desc = bind("llama_model_desc", [vp, ctypes.c_char_p, ctypes.c_size_t], i32)
-        # KV cache of one sequence to memory and back. Recent ik_llama.cpp takes a trailing flags
-        # argument (0: everything); builds without it ignore the extra register argument.
-        size_t = ctypes.c_size_t
-        self.state_seq_get_size = bind("llama_state_seq_get_size", [vp, i32, u32], size_t)
-        self.state_seq_get_data = bind("llama_state_seq_get_data", [vp, vp, size_t, i32, u32], size_t)
-        self.state_seq_set_data = bind("llama_state_seq_set_data", [vp, vp, size_t, i32, u32], size_t)
+        self.kv_seq_cp = bind("llama_kv_cache_seq_cp", [vp, i32, i32, i32, i32], None)
 
         # Route llama.cpp's chatter (hundreds of lines per load) to logging instead of stderr.
         # The callback object must stay referenced for the life of the process.
@@ -315,6 +319,31 @@ class _Stop(Exception):
     """The consumer left in the middle of guided decoding."""
 
 
+@dataclass(eq=False, slots=True)
+class _Eval:
+    """Tokens a request wants appended to its sequence next; what its generator yields.
+
+    The scheduler may evaluate them over several decode steps (``done`` counts those already in);
+    the request resumes once all are, with the logits after the last one if ``want_logits``.
+    """
+
+    tokens: list[int]
+    want_logits: bool = True
+    prompt: bool = False  # prompt evaluation: fills what the generation tokens leave of a step
+    done: int = 0
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One llama.cpp sequence of a backend's context: the KV cache of one conversation."""
+
+    seq: int
+    tokens: list[int] = field(default_factory=list)  # whose K/V are cached, at positions 0..n-1
+    key: str | None = None  # the conversation (GenerationParams.cache_key) the tokens belong to
+    user: _Request | None = None  # the request evaluating in it now
+    last_used: float = 0.0
+
+
 class _Cursor:
     """The running request's view of the model for guided decoding (``tool_calling.LanguageModel``).
 
@@ -334,14 +363,10 @@ class _Cursor:
     def room(self) -> int:
         return self.max_new - self.n_gen
 
-    def evaluate(self, tokens: list[int]) -> Iterator[None]:
+    def evaluate(self, tokens: list[int]) -> Iterator[_Eval]:
         if len(tokens) > self.room():
             raise LLMError("guided decoding went over the token budget")  # a decoder bug, never the client's
-        b = self.backend
-        for start in range(0, len(tokens), b._eval_chunk):
-            yield from b._checkpoint(self.req)
-            chunk = tokens[start:start + b._eval_chunk]
-            b._decode(chunk, len(b._cached), want_logits=start + len(chunk) == len(tokens))
+        yield from self.backend._eval(self.req, tokens)
         self.n_gen += len(tokens)
 
     def spend(self, n: int) -> None:
@@ -350,7 +375,7 @@ class _Cursor:
         self.n_gen += n
 
     def logits(self) -> np.ndarray:
-        return self.backend._logits()
+        return self.req.next_logits()
 
 
 @dataclass(eq=False)
@@ -360,10 +385,17 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[LLMEvent | BaseException]
     cancelled: threading.Event = field(default_factory=threading.Event)
-    # Compute-thread state while it takes turns with other requests of the same model:
-    threads: tuple[int, int] | None = None  # llama.cpp thread counts it wants (None: the backend's)
-    saved: tuple[Any, int] | None = None  # its KV cache (buffer, bytes), copied out while others run
-    saved_tokens: list[int] | None = None  # the tokens of that cache
+    arrived: float = field(default_factory=time.monotonic)
+    # Compute-thread state:
+    prompt: list[int] | None = None  # the rendered, tokenized conversation
+    tools: list[ToolSpec] = field(default_factory=list)
+    forced: str | None = None  # see _offered_tools
+    slot: _Slot | None = None
+    steps: Iterator[_Eval] | None = None  # the generation, once it has a slot
+    op: _Eval | None = None  # what it waits to have evaluated
+    logits: np.ndarray | None = None  # after its last evaluation
+    started: bool = False  # evaluated at least once (its queue wait is recorded)
+    served: float = 0.0  # when its last evaluation completed: the oldest go first in a full step
     finished: bool = False
 
     def emit(self, item: LLMEvent | BaseException) -> None:
@@ -373,29 +405,34 @@ class _Request:
         except RuntimeError:
             self.cancelled.set()
 
+    def next_logits(self) -> np.ndarray:
+        if self.logits is None:
+            raise LLMError("llama.cpp returned no logits")
+        return self.logits
 
-@dataclass(eq=False)
-class _Task:
-    """A generation on the compute thread: runs until its next pause (before a llama_decode)."""
 
-    steps: Iterator[None]
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class _ComputeThread:
     """The single thread that makes every computing llama.cpp call in this process (see module doc).
 
-    Jobs (load, free, small calls) run as they arrive, between the steps of generations; the
-    generations take turns in time slices.
+    Jobs (load, free, small calls, new requests) run as they arrive, between decode steps; the
+    backends with requests take one step each in turn.
     """
 
     _instance: _ComputeThread | None = None
     _guard = threading.Lock()
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None] | _Task] = queue.SimpleQueue()
-        self.slice_s = _SLICE_S
-        self.switches = 0  # generations sent to the back of the line for a waiting one
-        self._switch_cost = 0.0  # seconds the running step spent restoring model state
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._busy: deque[LlamaCppBackend] = deque()  # backends with requests (compute thread only)
         self._thread = threading.Thread(target=self._run, name="llama-compute", daemon=True)
         self._thread.start()
 
@@ -410,10 +447,10 @@ class _ComputeThread:
         """Queue a job; it must handle its own errors."""
         self._jobs.put(job)
 
-    def start(self, steps: Iterator[None]) -> None:
-        """Queue a generation (a generator pausing before each model evaluation; it must handle its
-        own errors). It shares the thread with the others in time slices."""
-        self._jobs.put(_Task(steps))
+    def wake(self, backend: LlamaCppBackend) -> None:
+        """Compute thread only: the backend has requests, give it steps."""
+        if backend not in self._busy:
+            self._busy.append(backend)
 
     def call(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn`` on the compute thread and wait for its result (blocking: not on the event loop)."""
@@ -439,51 +476,34 @@ class _ComputeThread:
         self.submit(job)
         return future
 
-    def charge(self, seconds: float) -> None:
-        """Record time the running step spent switching model state (it lengthens that turn)."""
-        self._switch_cost += seconds
-
     def _run(self) -> None:
-        ready: deque[_Task] = deque()
-        head: _Task | None = None
-        since = turn = 0.0
+        busy = self._busy
         while True:
-            self._take(ready, block=not ready)
-            if not ready:
+            self._take(block=not busy)
+            if not busy:
                 continue
-            task = ready[0]
-            first = task is not head
-            if first:
-                head, since = task, time.monotonic()
-            self._switch_cost = 0.0
+            backend = busy[0]
+            busy.rotate(-1)
             try:
-                next(task.steps)
-            except StopIteration:
-                ready.popleft()
-                continue
-            except BaseException:
-                logger.exception("llama.cpp generation failed")
-                ready.popleft()
-                continue
-            if first:
-                turn = max(self.slice_s, _SLICE_PER_SWITCH_COST * self._switch_cost)
-            if len(ready) > 1 and time.monotonic() - since >= turn:
-                ready.rotate(-1)  # the longest-waiting generation goes next
-                self.switches += 1
+                more = backend._step()
+            except BaseException as exc:  # a scheduler bug: fail that model's requests, keep serving
+                logger.exception("llama.cpp decode step failed")
+                backend._fail_all(LLMError(f"Generation failed: {exc}"))
+                more = False
+            if not more:
+                with contextlib.suppress(ValueError):
+                    busy.remove(backend)
 
-    def _take(self, ready: deque[_Task], block: bool) -> None:
-        """Run the jobs that arrived and line up the new generations."""
+    def _take(self, block: bool) -> None:
+        """Run the jobs that arrived."""
         while True:
             try:
-                item = self._jobs.get(block=block)
+                job = self._jobs.get(block=block)
             except queue.Empty:
                 return
             block = False
-            if isinstance(item, _Task):
-                ready.append(item)
-                continue
             try:
-                item()
+                job()
             except BaseException:
                 logger.exception("llama.cpp job failed")
 
@@ -496,53 +516,70 @@ class LlamaCppBackend:
 
     def __init__(self, path: str | Path, *, n_ctx: int = 4096, n_threads: int = 0, name: str | None = None,
                  n_threads_batch: int = 0, flash_attn: bool | None = None, check_batching: bool = True,
-                 max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS):
+                 max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS, n_parallel: int = DEFAULT_PARALLEL,
+                 cache_tokens: int = 0):
         """Load the model (blocking, ~0.3-2 s for the bundled models): call it off the event loop.
 
-        ``max_output_tokens`` bounds a response that sets no ``max_tokens``.
+        ``n_ctx`` is the context of one conversation; ``n_parallel`` conversations keep their KV
+        cache at once, in ``cache_tokens`` cells shared by all (0: ``DEFAULT_CACHE_CONTEXTS`` x
+        ``n_ctx``). ``max_output_tokens`` bounds a response that sets no ``max_tokens``.
 
-        ``n_threads`` (token generation) defaults to all cores but one. ggml's threads spin-wait on
-        each other, so when another busy thread (TTS, STT) takes one of their cores, generation
-        collapses (measured on 2 cores with one competing busy process: 86 -> 1-3 tok/s with
-        2 threads, unchanged 50 tok/s with 1). Prompt evaluation (``n_threads_batch``), which
-        mostly runs while the rest of the pipeline waits for the reply, defaults to all cores.
-        A positive ``n_threads`` alone sets both.
+        ``n_threads`` (decode steps of few tokens: generation) defaults to all cores but one.
+        ggml's threads spin-wait on each other, so when another busy thread (TTS, STT) takes one of
+        their cores, generation collapses (measured on 2 cores with one competing busy process: 86
+        -> 1-3 tok/s with 2 threads, unchanged 50 tok/s with 1). Other steps use
+        ``n_threads_batch``, default all cores: prompts, and the generation of a lone request while
+        no speech model computes (``worker.busy_workers()``; 10.9 vs 5.5 tok/s for the 1.5B on 2
+        cores). A positive ``n_threads`` alone sets both.
         """
         self.path = Path(path)
         self.name = name or self.path.stem
         self.max_output_tokens = max(1, max_output_tokens)
+        self.n_parallel = max(1, n_parallel)
         self._compute = _ComputeThread.get()
         self._native = self._compute.call(_Native.get)
         self._model: int | None = None
         self._ctx: int | None = None
         self._batch: Any = None
-        self._cached: list[int] = []  # tokens whose K/V are in the cache, in order (positions 0..n-1)
         self._rng = np.random.default_rng()
         self._vocab: TokenVocab | None = None  # token classes for guided decoding, built on first use
         self._model_lock = threading.Lock()  # count_tokens (any thread) vs. freeing the model
         self._closed = False
-        self._owner: _Request | None = None  # the request whose tokens are in the KV cache
-        self._saved_bytes = 0  # KV caches of paused requests held in memory
+        # Scheduler state (compute thread only): the sequences, requests waiting for one, and the
+        # requests evaluating now, in the order they got their slot.
+        self._slots = [_Slot(seq) for seq in range(self.n_parallel)]
+        self._waiting: deque[_Request] = deque()
+        self._active: list[_Request] = []
         self._threads = (0, 0)  # llama.cpp thread counts currently set on the context
-        # Counters for diagnostics: requests finished, abandoned mid-way, and dropped while queued.
+        # Counters for diagnostics and tests: requests finished, abandoned mid-way, and dropped while
+        # queued; and what the cache did: prompt tokens evaluated or reused, prefixes copied from
+        # another slot, slots evicted for another conversation, decode steps and their sequences.
         self.stats = {"completed": 0, "cancelled": 0, "skipped": 0}
-        # Taking turns: KV caches copied out and back in (or evaluated again), and the time it took.
-        self.swaps = {"saved": 0, "restored": 0, "evaluated_again": 0, "seconds": 0.0}
+        self.cache = {"evaluated": 0, "reused": 0, "shared_prefix": 0, "evicted": 0, "steps": 0,
+                      "sequences": 0, "overloaded": 0}
+        self._m_wait = telemetry.LLM_QUEUE_WAIT.labels(self.name)
+        self._m_batch = telemetry.LLM_BATCH_SIZE.labels(self.name)
+        self._m_decode = telemetry.LLM_DECODE_SECONDS.labels(self.name)
+        self._m_active = telemetry.LLM_ACTIVE.labels(self.name)
+        self._m_waiting = telemetry.LLM_WAITING.labels(self.name)
+        self._m_tokens = {kind: telemetry.LLM_TOKENS.labels(self.name, kind)
+                          for kind in ("prompt", "cached", "generated")}
         t0 = time.monotonic()
         try:
             self._compute.call(
-                lambda: self._load(n_ctx, n_threads, n_threads_batch, flash_attn, check_batching)
+                lambda: self._load(n_ctx, n_threads, n_threads_batch, flash_attn, check_batching, cache_tokens)
             )
         except BaseException:
             self._compute.call(self._free)
             raise
         self.load_seconds = time.monotonic() - t0
-        logger.info("Loaded %s (%s) in %.2fs: n_ctx=%d threads=%d/%d flash_attn=%s eval_batch=%d", self.name,
-                    self.description, self.load_seconds, self.context_length, self.n_threads,
+        logger.info("Loaded %s (%s) in %.2fs: n_ctx=%d x %d conversations in %d cells, threads=%d/%d "
+                    "flash_attn=%s eval_batch=%d", self.name, self.description, self.load_seconds,
+                    self.context_length, self.n_parallel, self.cache_cells, self.n_threads,
                     self.n_threads_batch, self.flash_attn, self._eval_chunk)
 
     def _load(self, n_ctx: int, n_threads: int, n_threads_batch: int, flash_attn: bool | None,
-              check_batching: bool) -> None:
+              check_batching: bool, cache_tokens: int) -> None:
         native = self._native
         C = native.C
         mparams = C.llama_model_default_params()
@@ -560,12 +597,19 @@ class LlamaCppBackend:
         if n_threads_batch <= 0:
             n_threads_batch = n_threads if n_threads > 0 else cores
         self.n_threads_batch = n_threads_batch
-        self.flash_attn = _cpu_supports_flash_attn() if flash_attn is None else flash_attn
+        # ik_llama.cpp's CPU flash attention aborts the process (iqk_fa_templates.h: GGML_ASSERT(S > 0))
+        # on batches that mix sequences: it serves one sequence only.
+        if flash_attn and self.n_parallel > 1:
+            logger.warning("%s: flash attention is off: ik_llama.cpp's cannot serve several sequences", self.name)
+        self.flash_attn = self.n_parallel == 1 and (_cpu_supports_flash_attn() if flash_attn is None else flash_attn)
+        cells = max(n_ctx, cache_tokens if cache_tokens > 0 else n_ctx * min(self.n_parallel, DEFAULT_CACHE_CONTEXTS))
         cparams = C.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = min(512, n_ctx)
-        cparams.n_ubatch = min(512, n_ctx)
-        cparams.n_seq_max = 1
+        cparams.n_ctx = cells
+        # A step never holds more than _EVAL_CHUNK tokens; a larger batch would only grow the
+        # compute buffer (which scales with batch x cells without flash attention).
+        cparams.n_batch = min(_EVAL_CHUNK, cells)
+        cparams.n_ubatch = min(_EVAL_CHUNK, cells)
+        cparams.n_seq_max = self.n_parallel
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads_batch
         cparams.flash_attn = self.flash_attn
@@ -574,7 +618,8 @@ class LlamaCppBackend:
         if not ctx:
             raise LLMError(f"llama.cpp could not create a context for {self.path}", code="model_load_failed")
         self._ctx = ctx
-        self.context_length = int(native.n_ctx(ctx))
+        self.cache_cells = int(native.n_ctx(ctx))
+        self.context_length = min(n_ctx, self.cache_cells)
         self._n_batch = int(native.n_batch(ctx))
         self._n_vocab = int(native.n_vocab(model))
         self._batch = C.llama_batch_init(self._n_batch, 0, 1)
@@ -641,13 +686,12 @@ class LlamaCppBackend:
         if len(tokens) < 33 or self._eval_chunk <= _SAFE_EVAL_CHUNK:
             return
         try:
-            self._decode(tokens, 0, want_logits=True)
-            batched = self._logits().copy()
+            self._decode_alone(tokens, 0)
+            batched = self._last_logits()
             self._reset_cache()
             for start in range(0, len(tokens), _SAFE_EVAL_CHUNK):
-                chunk = tokens[start:start + _SAFE_EVAL_CHUNK]
-                self._decode(chunk, start, want_logits=start + len(chunk) == len(tokens))
-            diff = float(np.max(np.abs(self._logits() - batched)))
+                self._decode_alone(tokens[start:start + _SAFE_EVAL_CHUNK], start)
+            diff = float(np.max(np.abs(self._last_logits() - batched)))
         finally:
             self._reset_cache()
         if not np.isfinite(diff) or diff > _BATCH_CHECK_TOLERANCE:
@@ -688,7 +732,7 @@ class LlamaCppBackend:
         if self._closed:
             raise LLMError("The model is closed", code="model_closed")
         req = _Request(list(messages), params, asyncio.get_running_loop(), asyncio.Queue())
-        self._compute.start(self._serve(req))
+        self._compute.submit(lambda: self._enqueue(req))
         try:
             while True:
                 item = await req.events.get()
@@ -718,6 +762,7 @@ class LlamaCppBackend:
         await self._compute.run(self._free)
 
     def _free(self) -> None:
+        self._fail_all(LLMError("The model was closed", code="model_closed"))
         C = self._native.C
         with self._model_lock:
             if self._ctx:
@@ -733,17 +778,267 @@ class LlamaCppBackend:
     def __repr__(self) -> str:
         return f"LlamaCppBackend(name={self.name!r}, path={str(self.path)!r}, n_ctx={self.context_length})"
 
-    # --- compute thread ---
+    # --- compute thread: scheduling (see the module doc) ---
 
-    def _serve(self, req: _Request) -> Iterator[None]:
-        """Compute-thread generation for one request (pauses before each llama_decode)."""
-        if req.cancelled.is_set():
-            req.finished = True
-            self.stats["skipped"] += 1
+    def _enqueue(self, req: _Request) -> None:
+        if self._closed:
+            req.emit(LLMError("The model is closed", code="model_closed"))
             return
+        self._waiting.append(req)
+        self._compute.wake(self)
+
+    def _step(self) -> bool:
+        """One decode step over every request that can take part; False when none is left."""
+        if self._closed or not self._ctx:
+            self._fail_all(LLMError("The model was closed", code="model_closed"))
+            return False
+        for req in [r for r in self._active if r.cancelled.is_set()]:
+            self.stats["cancelled"] += 1
+            self._retire(req, close=True)
+        self._admit()
+        parts = self._plan()
+        if parts:
+            self._run_batch(parts)
+        self._m_active.set(len(self._active))
+        self._m_waiting.set(len(self._waiting))
+        return bool(self._active or self._waiting)
+
+    def _admit(self) -> None:
+        """Give waiting requests a slot, in arrival order, while there are idle ones."""
+        while self._waiting:
+            req = self._waiting[0]
+            if req.cancelled.is_set():
+                self._waiting.popleft()
+                req.finished = True
+                self.stats["skipped"] += 1
+                continue
+            if req.prompt is None:
+                try:
+                    self._prepare(req)
+                except Exception as exc:
+                    self._waiting.popleft()
+                    req.finished = True
+                    if not isinstance(exc, LLMError):
+                        logger.exception("Preparing a generation failed")
+                        exc = LLMError(f"Generation failed: {exc}")
+                    req.emit(exc)
+                    continue
+            slot = self._pick_slot(req)
+            if slot is None:
+                return
+            self._waiting.popleft()
+            slot.user, req.slot = req, slot
+            self._active.append(req)
+            req.steps = self._serve(req)
+            self._advance(req)
+
+    def _prepare(self, req: _Request) -> None:
+        """The prompt's tokens (the chat template's errors and the context limit fail the request)."""
+        tools, forced = _offered_tools(req.params)
+        with self._model_lock:
+            tokens = self._prompt_tokens(req.messages, tools)
+        n_prompt, n_ctx = len(tokens), self.context_length
+        if n_prompt >= n_ctx:
+            raise LLMError(
+                f"The conversation is {n_prompt} tokens; this model's context is {n_ctx} tokens.",
+                code="context_length_exceeded",
+                details={"prompt_tokens": n_prompt, "context_length": n_ctx},
+            )
+        req.prompt, req.tools, req.forced = tokens, tools, forced
+
+    def _pick_slot(self, req: _Request) -> _Slot | None:
+        """The idle slot for a request (see the module doc), or None when every slot is busy."""
+        idle = [s for s in self._slots if s.user is None]
+        if not idle:
+            return None
+        key, prompt = req.params.cache_key, req.prompt or []
+        if key is not None:
+            for slot in idle:
+                if slot.key == key:
+                    return slot
+        best, common = None, 0
+        for slot in idle:
+            n = _common_prefix(slot.tokens, prompt)
+            if n > common:
+                best, common = slot, n
+        if best is not None and common == len(best.tokens) and (key is None or best.key is None):
+            best.key = key
+            return best  # the prompt goes on from this slot's tokens: the same conversation
+        fresh = next((s for s in idle if not s.tokens), None) or min(idle, key=lambda s: s.last_used)
+        if fresh.tokens:
+            self.cache["evicted"] += 1  # another conversation's cache goes (all of it, or all but a prefix)
+        fresh.key = key
+        if fresh is best:
+            return fresh  # evaluation starts after the shared part (see _generate)
+        self._clear_slot(fresh)
+        if best is not None and common >= _MIN_SHARED_PREFIX:
+            n = min(common, len(prompt) - 1)
+            self._native.kv_seq_cp(self._ctx, best.seq, fresh.seq, 0, n)
+            fresh.tokens = best.tokens[:n]
+            self.cache["shared_prefix"] += 1
+        return fresh
+
+    def _plan(self) -> list[tuple[_Request, int]]:
+        """This step's share of each request: generation first (longest since served first), then
+        prompts in arrival order, within the step's token budget."""
+        budget = self._eval_chunk
+        ready = sorted((r for r in self._active if r.op is not None), key=lambda r: (r.op.prompt, r.served))
+        parts: list[tuple[_Request, int]] = []
+        for req in ready:
+            if budget <= 0:
+                break
+            op = req.op
+            take = min(len(op.tokens) - op.done, budget)
+            parts.append((req, take))
+            budget -= take
+        return parts
+
+    def _run_batch(self, parts: list[tuple[_Request, int]]) -> None:
+        """Decode one step and resume the requests whose evaluation it completed."""
+        t0 = time.monotonic()
+        while parts:
+            t0 = time.monotonic()
+            rc = self._decode_parts(parts)
+            if rc == 0:
+                break
+            if rc == 1 and self._evict_idle():
+                continue  # no room in the cache: made some
+            if rc == 1:
+                prompts = [p for p in parts if p[0].op.prompt]
+                if prompts and len(prompts) < len(parts):
+                    parts = [p for p in parts if not p[0].op.prompt]  # new prompts wait for room
+                    continue
+                victim = max((r for r, _ in parts), key=lambda r: len(r.slot.tokens))
+                self.cache["overloaded"] += 1
+                self._fail(victim, LLMError("The model's cache is full: too many long conversations at once. "
+                                            "Try again shortly.", code="server_overloaded"))
+                parts = [p for p in parts if p[0] is not victim]
+                continue
+            # Any other failure leaves these sequences' cache in an unknown state.
+            for req, _ in parts:
+                self._clear_slot(req.slot)
+                self._fail(req, LLMError(f"llama_decode failed with code {rc}"))
+            return
+        if not parts:
+            return
+        now = time.monotonic()
+        self._m_decode.inc(now - t0)
+        self._m_batch.observe(len(parts))
+        self.cache["steps"] += 1
+        self.cache["sequences"] += len(parts)
+        row = -1
+        resume: list[_Request] = []
+        for req, take in parts:
+            op, slot = req.op, req.slot
+            row += take
+            if not req.started:
+                req.started = True
+                self._m_wait.observe(t0 - req.arrived)
+            slot.tokens.extend(op.tokens[op.done:op.done + take])
+            op.done += take
+            if op.prompt:
+                self.cache["evaluated"] += take
+                self._m_tokens["prompt"].inc(take)
+            if op.done == len(op.tokens):
+                req.logits = self._row_logits(row) if op.want_logits else None
+                req.op, req.served = None, now
+                resume.append(req)
+        for req in resume:
+            self._advance(req)
+
+    def _decode_parts(self, parts: list[tuple[_Request, int]]) -> int:
+        """Fill the batch with each request's next `take` tokens (its own sequence) and decode."""
+        batch = self._batch
+        i = 0
+        for req, take in parts:
+            op, seq, pos = req.op, req.slot.seq, len(req.slot.tokens)
+            tokens = op.tokens
+            for j in range(take):
+                batch.token[i] = tokens[op.done + j]
+                batch.pos[i] = pos + j
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = 0
+                i += 1
+            if op.want_logits and op.done + take == len(tokens):
+                batch.logits[i - 1] = 1
+        batch.n_tokens = i
+        # Prompts use every core; so does the generation of a lone request while no speech model
+        # computes (two spinning ggml threads with one core taken elsewhere collapse, see
+        # __init__). With several requests the speech of their calls keeps a core busy most of
+        # the time, and a step that collides with it stalls both: measured on 4 calls, 2 threads
+        # whenever speech was idle gave 8.3 s to first audio and a 9.4 s gap in one reply; 1 thread
+        # 7.0-7.3 s and gaps under 1 s.
+        many = i >= _BATCH_THREADS_MIN_TOKENS or (len(parts) == 1 and busy_workers() == 0)
+        threads = self.n_threads_batch if many else self.n_threads
+        if self._threads != (threads, threads):
+            self._native.set_n_threads(self._ctx, threads, threads)
+            self._threads = (threads, threads)
+        return int(self._native.C.llama_decode(self._ctx, batch))
+
+    def _row_logits(self, row: int) -> np.ndarray:
+        ptr = self._native.C.llama_get_logits_ith(self._ctx, row)
+        if not ptr:
+            raise LLMError("llama.cpp returned no logits")
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+
+    def _evict_idle(self) -> bool:
+        """Free the cache of the least recently used idle conversation; False if there is none."""
+        idle = [s for s in self._slots if s.user is None and s.tokens]
+        if not idle:
+            return False
+        slot = min(idle, key=lambda s: s.last_used)
+        self._clear_slot(slot)
+        slot.key = None
+        self.cache["evicted"] += 1
+        return True
+
+    def _clear_slot(self, slot: _Slot | None) -> None:
+        if slot is not None and slot.tokens:
+            if not self._native.kv_seq_rm(self._ctx, slot.seq, 0, -1):
+                logger.warning("%s: llama.cpp could not clear sequence %d", self.name, slot.seq)
+            slot.tokens = []
+
+    def _advance(self, req: _Request) -> None:
+        """Run a request's Python until it wants the model again (or ends)."""
         try:
-            self._check_open()
-            self._activate(req)
+            req.op = next(req.steps)  # type: ignore[arg-type]
+        except StopIteration:
+            self._retire(req)
+        except BaseException as exc:
+            logger.exception("Generation failed")
+            self._fail(req, LLMError(f"Generation failed: {exc}"))
+
+    def _retire(self, req: _Request, close: bool = False) -> None:
+        """The request leaves the scheduler; its slot (and what it evaluated) stays for its next turn."""
+        if req.finished:
+            return
+        req.finished = True
+        with contextlib.suppress(ValueError):
+            self._active.remove(req)
+        steps, req.steps, req.op = req.steps, None, None
+        if close and steps is not None:
+            with contextlib.suppress(Exception):
+                steps.close()  # type: ignore[attr-defined]
+        slot = req.slot
+        if slot is not None and slot.user is req:
+            slot.user = None
+            slot.last_used = time.monotonic()
+
+    def _fail(self, req: _Request, exc: LLMError) -> None:
+        req.emit(exc)
+        self._retire(req, close=True)
+
+    def _fail_all(self, exc: LLMError) -> None:
+        for req in [*self._active, *self._waiting]:
+            if not req.finished:
+                self._fail(req, exc)
+        self._waiting.clear()
+        self._active.clear()
+
+    def _serve(self, req: _Request) -> Iterator[_Eval]:
+        """One request's generation (counted in `stats`), as steps for the scheduler."""
+        try:
             if not (yield from self._generate(req)):
                 self.stats["cancelled"] += 1
         except LLMError as exc:
@@ -751,85 +1046,14 @@ class LlamaCppBackend:
         except Exception as exc:
             logger.exception("Generation failed")
             req.emit(LLMError(f"Generation failed: {exc}"))
-        finally:
-            req.finished = True
-            self._drop_saved(req)
 
-    def _checkpoint(self, req: _Request) -> Iterator[None]:
-        """Where the compute thread may give the model to another request: just before a decode,
-        so that no logits are needed from before the pause. Afterwards the request stops if it was
-        abandoned, else gets its KV cache back."""
-        yield
+    def _eval(self, req: _Request, tokens: list[int], want_logits: bool = True,
+              prompt: bool = False) -> Iterator[_Eval]:
+        """Have `tokens` appended to the request's sequence; afterwards stop if it was abandoned."""
+        if tokens:
+            yield _Eval(list(tokens), want_logits, prompt)
         if self._stopped(req):
             raise _Stop
-        self._activate(req)
-
-    def _activate(self, req: _Request) -> None:
-        """Make the model state the request's own (after other requests of this model ran)."""
-        owner = self._owner
-        if owner is not req:
-            if owner is not None and not owner.finished and not owner.cancelled.is_set() and owner.saved_tokens is None:
-                self._save(owner)
-            if req.saved_tokens is not None:
-                self._restore(req)
-            self._owner = req
-        threads = req.threads or (self.n_threads, self.n_threads_batch)
-        if threads != self._threads:
-            self._native.set_n_threads(self._ctx, *threads)
-            self._threads = threads
-
-    def _save(self, req: _Request) -> None:
-        """Copy the KV cache of a request that pauses out to memory (within `_SAVED_KV_BYTES`)."""
-        t0 = time.monotonic()
-        req.saved_tokens = list(self._cached)
-        req.saved = None
-        if self._cached:
-            native = self._native
-            size = native.state_seq_get_size(self._ctx, 0, 0)
-            if 0 < size <= _SAVED_KV_BYTES - self._saved_bytes:
-                buf = (ctypes.c_uint8 * size)()
-                n = native.state_seq_get_data(self._ctx, buf, size, 0, 0)
-                if 0 < n <= size:
-                    req.saved = (buf, n)
-                    self._saved_bytes += size
-        self.swaps["saved"] += 1
-        self._swap_time(time.monotonic() - t0)
-
-    def _swap_time(self, seconds: float) -> None:
-        self.swaps["seconds"] += seconds
-        self._compute.charge(seconds)
-
-    def _drop_saved(self, req: _Request) -> tuple[Any, int] | None:
-        saved, req.saved = req.saved, None
-        if saved is not None:
-            self._saved_bytes -= len(saved[0])
-        return saved
-
-    def _restore(self, req: _Request) -> None:
-        """Put a request's saved KV cache back; evaluate its tokens again if there is none."""
-        t0 = time.monotonic()
-        tokens = req.saved_tokens or []
-        saved = self._drop_saved(req)
-        req.saved_tokens = None
-        self._reset_cache()
-        if saved is not None and self._native.state_seq_set_data(self._ctx, saved[0], saved[1], 0, 0) > 0:
-            self._cached = tokens
-            self.swaps["restored"] += 1
-        else:
-            self._reset_cache()
-            for start in range(0, len(tokens), self._eval_chunk):
-                chunk = tokens[start:start + self._eval_chunk]
-                self._decode(chunk, start, want_logits=start + len(chunk) == len(tokens))
-            if tokens:
-                self.swaps["evaluated_again"] += 1
-        self._swap_time(time.monotonic() - t0)
-
-    def _set_threads(self, req: _Request, n_threads_batch: int) -> None:
-        """The request's batch thread count from now on (kept across turns with other requests)."""
-        req.threads = (self.n_threads, n_threads_batch)
-        if self._ctx and not self._closed and req.threads != self._threads:
-            self._native.set_n_threads(self._ctx, *req.threads)
-            self._threads = req.threads
 
     def _check_open(self) -> None:
         if self._closed:
@@ -840,43 +1064,36 @@ class LlamaCppBackend:
         self._check_open()
         return req.cancelled.is_set()
 
-    def _decode(self, tokens: list[int], start: int, want_logits: bool) -> None:
-        """Evaluate ``tokens`` at positions start.. and record them as cached."""
+    def _rollback(self, slot: _Slot, pos: int) -> None:
+        """Forget the slot's cached tokens from position `pos` on."""
+        if pos >= len(slot.tokens):
+            return
+        if self._native.kv_seq_rm(self._ctx, slot.seq, pos, -1):
+            del slot.tokens[pos:]
+        else:
+            raise LLMError("llama.cpp could not remove tokens from its cache")
+
+    def _decode_alone(self, tokens: list[int], start: int) -> None:
+        """Evaluate tokens in sequence 0 outside the scheduler (the load-time check only)."""
         batch = self._batch
-        n = len(tokens)
-        batch.n_tokens = n
         for i, tok in enumerate(tokens):
             batch.token[i] = tok
             batch.pos[i] = start + i
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
-            batch.logits[i] = 0
-        if want_logits:
-            batch.logits[n - 1] = 1
+            batch.logits[i] = int(i == len(tokens) - 1)
+        batch.n_tokens = len(tokens)
         rc = self._native.C.llama_decode(self._ctx, batch)
         if rc != 0:
-            self._reset_cache()
             raise LLMError(f"llama_decode failed with code {rc}")
-        self._cached.extend(tokens)
 
-    def _rollback(self, pos: int) -> None:
-        """Forget the cached tokens from position `pos` on."""
-        if pos >= len(self._cached):
-            return
-        if self._native.kv_seq_rm(self._ctx, 0, pos, -1):
-            del self._cached[pos:]
-        else:
-            raise LLMError("llama.cpp could not remove tokens from its cache")
+    def _last_logits(self) -> np.ndarray:
+        return self._row_logits(-1)
 
     def _reset_cache(self) -> None:
         self._native.C.llama_kv_cache_clear(self._ctx)
-        self._cached = []
-
-    def _logits(self) -> np.ndarray:
-        ptr = self._native.C.llama_get_logits_ith(self._ctx, -1)
-        if not ptr:
-            raise LLMError("llama.cpp returned no logits")
-        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+        for slot in self._slots:
+            slot.tokens = []
 
     def _piece(self, token: int) -> bytes:
         buf = self._piece_buf
@@ -887,43 +1104,29 @@ class LlamaCppBackend:
         return buf.raw[:n] if n > 0 else b""
 
     def _generate(self, req: _Request) -> Steps[bool]:
-        """Run one request (counted in `stats` as completed); False if the consumer went away first."""
-        t0 = time.monotonic()
-        params = req.params
-        tools, forced = _offered_tools(params)
-        with self._model_lock:
-            tokens = self._prompt_tokens(req.messages, tools)
-        n_prompt = len(tokens)
-        n_ctx = self.context_length
-        if n_prompt >= n_ctx:
-            raise LLMError(
-                f"The conversation is {n_prompt} tokens; this model's context is {n_ctx} tokens.",
-                code="context_length_exceeded",
-                details={"prompt_tokens": n_prompt, "context_length": n_ctx},
-            )
+        """Run one request in its slot (counted in `stats` as completed); False if the consumer went
+        away first."""
+        t0 = req.arrived
+        params, tokens, tools, forced, slot = req.params, req.prompt or [], req.tools, req.forced, req.slot
+        assert slot is not None
+        n_prompt, n_ctx = len(tokens), self.context_length
         if self._stopped(req):
             return False
 
-        # Reuse the longest common prefix of what is already in the KV cache.
-        common = 0
-        for a, b in zip(self._cached, tokens, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, n_prompt - 1)  # the last prompt token is always evaluated for logits
-        if common < len(self._cached):
-            if self._native.kv_seq_rm(self._ctx, 0, common, -1):
-                del self._cached[common:]
+        # Reuse the longest common prefix of what the slot has cached.
+        common = max(0, min(_common_prefix(slot.tokens, tokens), n_prompt - 1))  # the last one gives logits
+        if common < len(slot.tokens):
+            if self._native.kv_seq_rm(self._ctx, slot.seq, common, -1):
+                del slot.tokens[common:]
             else:
-                self._reset_cache()
+                self._clear_slot(slot)
                 common = 0
         cached_tokens = common
+        self.cache["reused"] += common
+        self._m_tokens["cached"].inc(common)
 
         try:
-            for start in range(common, n_prompt, self._eval_chunk):
-                yield from self._checkpoint(req)
-                chunk = tokens[start:start + self._eval_chunk]
-                self._decode(chunk, start, want_logits=start + len(chunk) == n_prompt)
+            yield from self._eval(req, tokens[common:], prompt=True)
             t_prompt = time.monotonic()
 
             cap = self.max_output_tokens if params.max_tokens is None else max(params.max_tokens, 0)
@@ -940,6 +1143,7 @@ class LlamaCppBackend:
         except _Stop:
             return False
         n_gen = cursor.n_gen
+        self._m_tokens["generated"].inc(n_gen)
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, cached_tokens=cached_tokens)
         self.stats["completed"] += 1  # before the consumer can see the end
         req.emit(Finished(finish_reason=finish, usage=usage))  # type: ignore[arg-type]
@@ -949,7 +1153,8 @@ class LlamaCppBackend:
     def _free_text(self, req: _Request, cursor: _Cursor, rng: np.random.Generator,
                    tools: list[ToolSpec]) -> Steps[str]:
         """Sample text; with tools offered, a ``<tool_call>`` in the output switches to guided calls."""
-        params = req.params
+        params, slot = req.params, req.slot
+        assert slot is not None
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         scanner = CallScanner(TOOL_CALL_OPEN) if tools else None
         starts: list[tuple[int, int]] = []  # (offset in the reply, KV position) of each token
@@ -958,7 +1163,7 @@ class LlamaCppBackend:
         while cursor.n_gen < max_new:
             if self._stopped(req):
                 raise _Stop
-            token = sample_token(self._logits(), params, rng)
+            token = sample_token(req.next_logits(), params, rng)
             # End-of-generation tokens end the reply; so does any other control token (e.g. a
             # hallucinated <|im_start|> opening a new turn), which must never reach the client.
             if self._native.token_is_eog(self._model, token) or self._native.token_is_control(
@@ -970,15 +1175,14 @@ class LlamaCppBackend:
             text = decoder.decode(self._piece(token))
             opening = None
             if scanner is not None:
-                starts.append((len(scanner.text), len(self._cached)))
+                starts.append((len(scanner.text), len(slot.tokens)))
                 text, opening = scanner.push(text)
             if text:
                 req.emit(TextDelta(text))
             if cursor.n_gen < max_new:
-                yield from self._checkpoint(req)
-                self._decode([token], len(self._cached), want_logits=True)
+                yield from self._eval(req, [token])
             if opening is not None and scanner is not None and scanner.bare and not self._names_a_tool(
-                    scanner, tools, cursor.n_gen < max_new):
+                    req, scanner, tools, cursor.n_gen < max_new):
                 # A JSON reply that does not name one of the tools is just text.
                 opening = None
                 if held := scanner.reject_bare():
@@ -987,7 +1191,7 @@ class LlamaCppBackend:
                 # Take back the tokens of the opening as the model wrote it and continue from the
                 # canonical form, so the context always reads `<tool_call>\n{"name": "`.
                 offset, pos = next((o, p) for o, p in reversed(starts) if o <= opening)
-                self._rollback(pos)
+                self._rollback(slot, pos)
                 lead = scanner.text[offset:opening]
                 cut = yield from self._tool_calls(req, cursor, rng, tools, None, single=False,
                                                   opening=lead + TOOL_CALL_OPEN + CALL_PREFIX)
@@ -997,7 +1201,7 @@ class LlamaCppBackend:
             req.emit(TextDelta(held))  # the start of a marker that never completed
         return finish
 
-    def _names_a_tool(self, scanner: CallScanner, tools: list[ToolSpec], have_logits: bool) -> bool:
+    def _names_a_tool(self, req: _Request, scanner: CallScanner, tools: list[ToolSpec], have_logits: bool) -> bool:
         """After a bare ``{"name": "``: does the model go on with one of the tool names?"""
         names = [t.name for t in tools]
         after = scanner.after_bare_opening()
@@ -1005,7 +1209,7 @@ class LlamaCppBackend:
             return could_start_name(after, names)
         if not have_logits:
             return False
-        token = int(np.argmax(self._logits()))
+        token = int(np.argmax(req.next_logits()))
         piece = self._piece(token).decode("utf-8", "replace")
         return bool(piece) and could_start_name(piece, names)
 
@@ -1020,13 +1224,7 @@ class LlamaCppBackend:
         vocab = self.token_vocab()
         guide = GuidedDecoder(cursor, vocab, lambda logits: sample_token(logits, params, rng))
         t0, n0 = time.monotonic(), cursor.n_gen
-        # Forced segments are a few tokens each: evaluate them with the generation threads. With the
-        # batch threads, one busy core elsewhere (TTS, STT) makes each of them take up to seconds.
-        self._set_threads(req, self.n_threads)
-        try:
-            index, cut = yield from self._guided_calls(req, guide, tools, name, single, opening)
-        finally:
-            self._set_threads(req, self.n_threads_batch)
+        index, cut = yield from self._guided_calls(req, guide, tools, name, single, opening)
         elapsed = time.monotonic() - t0
         logger.debug("%s: %d guided tool call(s)%s, %d tokens (%d sampled, %d model calls, %d squeezed by the "
                      "budget) in %.2fs (%.1f tok/s)", self.name, index, " cut by the budget" if cut else "",

@@ -56,6 +56,9 @@ class GenerationParams:
     tools: list[ToolSpec] = field(default_factory=list)
     # "auto" | "none" | "required" | the name of the one function that must be called.
     tool_choice: str = "auto"
+    # The conversation this request continues (the engine's session id): backends that keep
+    # per-conversation caches (llama.cpp slots) give its requests the same one. None: match by prefix.
+    cache_key: str | None = None
 
 
 @dataclass(slots=True)

@@ -4,14 +4,21 @@ piper-tts is GPL-3.0, so it is an optional extra of this Apache-2.0 project: it 
 here, only when a voice is loaded, and nothing else in the package imports this module eagerly.
 
 Concurrency model: one voice per backend and one dedicated worker thread that loads it and runs
-every synthesis in FIFO order (on 2 cores, two syntheses at once would only delay each other's
-first chunk). ``synthesize`` queues a job and receives PCM16 through an ``asyncio.Queue`` fed with
-``call_soon_threadsafe``; piper synthesizes sentence by sentence, and each sentence is handed over
-as soon as it exists. Closing the iterator early marks the job cancelled: a queued job never runs,
-a running one stops after the sentence in progress.
+every synthesis, one sentence per step (`WorkerThread.stream`): concurrent syntheses take turns
+sentence by sentence, and a new one's first sentence goes ahead of the others' next ones, so a long
+answer cannot hold back another session's first audio. (Two syntheses truly at once, on 2 cores
+next to the LLM, would only slow each other down.) ``synthesize`` receives PCM16 through an
+``asyncio.Queue`` fed with ``call_soon_threadsafe``, each sentence as soon as it exists. Closing
+the iterator early stops the synthesis: a queued one never starts, a running one stops after the
+sentence in progress.
 
 The ONNX session is created here rather than by ``PiperVoice.load`` so its thread count can be
 set: the default (all cores) would fight the LLM, which generates on the other core meanwhile.
+Measured on 2 cores with one core kept busy (the LLM): 2 threads instead of 1 gave no faster
+first chunk (0.33 s against 0.27 s) and took a third of the busy core's time; 2 Piper workers
+serving 4 requests at once took 1.7 s instead of 2.1 s but 40% of that core. Hence one thread and
+one worker. With more threads, onnxruntime's pool threads would spin-wait between operators; that
+is turned off (the same 2 threads then used 25% less CPU and ended sentences 20% sooner).
 
 Memory: the model's activations grow with the audio of one run (about 20 MB per second of speech,
 most of it in the upsampling decoder), and piper runs once per sentence as espeak-ng sees it, so
@@ -30,10 +37,9 @@ import importlib.util
 import json
 import logging
 import re
-import threading
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +202,8 @@ class PiperTTS:
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = self.threads
                 opts.inter_op_num_threads = 1
+                if self.threads > 1:  # spinning pool threads would take CPU from the LLM
+                    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 opts.log_severity_level = 3
                 session = ort.InferenceSession(str(self.model_path), sess_options=opts,
                                                providers=["CPUExecutionProvider"])
@@ -233,14 +241,17 @@ class PiperTTS:
             self.stats["skipped"] += 1
 
         async for chunk in self._worker.stream(
-                lambda emit, cancelled: self._synthesize(text, length_scale, emit, cancelled),
+                lambda emit: self._synthesize(text, length_scale, emit),
                 passthrough=TTSError, failure=lambda exc: TTSError(f"Speech synthesis failed: {exc}"),
                 on_skip=skipped):
             yield chunk
 
-    def _synthesize(self, text: str, length_scale: float, emit: Callable[[Any], None],
-                    cancelled: threading.Event) -> None:
-        """Piece by piece (see `split_text`), each piece's sentences emitted as piper finishes them."""
+    def _synthesize(self, text: str, length_scale: float, emit: Callable[[Any], None]) -> Iterator[None]:
+        """Piece by piece (see `split_text`), one sentence per worker step, each emitted when done.
+
+        Yields (lets other sessions' syntheses run) only while more sentences remain, so the end of
+        the stream is not held back a turn behind the others.
+        """
         from piper import SynthesisConfig
 
         voice = self._load()
@@ -248,36 +259,44 @@ class PiperTTS:
         stretch = max(1.0, length_scale)
         max_chars = max(MIN_PIECE_CHARS, int(MAX_PIECE_CHARS / stretch))
         max_phonemes = max(MIN_PIECE_PHONEMES, int(MAX_PIECE_PHONEMES / stretch))
-        t0 = time.monotonic()
+        resumed = time.monotonic()
+        busy = 0.0  # time spent synthesizing, not waiting for other sessions' steps
         samples = pieces = 0
         pending = split_text(text, max_chars)[::-1]  # a stack: the next piece is last
-        while pending:
-            if cancelled.is_set():  # checked before piper starts on the next piece
-                self.stats["cancelled"] += 1
-                return
-            piece = pending.pop()
-            longest = max(map(len, voice.phonemize(piece)), default=0)  # ~1 ms for 200 characters
-            if longest > max_phonemes and len(piece) > 1:
-                pending.extend(reversed(split_text(piece, len(piece) // 2)))
-                continue
-            pieces += 1
-            for chunk in voice.synthesize(piece, syn_config=config):
-                pcm = chunk.audio_int16_bytes
-                if pcm and not cancelled.is_set():
-                    samples += len(pcm) // 2
-                    emit(pcm)
-                if cancelled.is_set():  # checked before piper starts on the next sentence
-                    self.stats["cancelled"] += 1
-                    return
+        try:
+            while pending:
+                piece = pending.pop()
+                sentences = voice.phonemize(piece)  # ~1 ms for 200 characters
+                if max(map(len, sentences), default=0) > max_phonemes and len(piece) > 1:
+                    pending.extend(reversed(split_text(piece, len(piece) // 2)))
+                    continue
+                pieces += 1
+                left = sum(1 for phonemes in sentences if phonemes)  # piper skips empty ones
+                for chunk in voice.synthesize(piece, syn_config=config):
+                    left -= 1
+                    pcm = chunk.audio_int16_bytes
+                    if pcm:
+                        samples += len(pcm) // 2
+                        emit(pcm)
+                    if left > 0 or pending:
+                        busy += time.monotonic() - resumed
+                        yield  # the next sentence may wait for other sessions' steps
+                        resumed = time.monotonic()
+        except GeneratorExit:  # closed by its consumer: the rest is never synthesized
+            self.stats["cancelled"] += 1
+            raise
         self.stats["completed"] += 1
         if samples and logger.isEnabledFor(logging.DEBUG):
-            elapsed = time.monotonic() - t0
+            elapsed = busy + time.monotonic() - resumed
             logger.debug("Synthesized %.2fs of audio (%d characters, %d pieces) in %.2fs (RTF %.3f)",
                          samples / self.sample_rate, len(text), pieces, elapsed,
                          elapsed * self.sample_rate / samples)
 
     async def close(self) -> None:
-        """Drop the voice after the jobs already queued (memory is freed with the last reference)."""
+        """Drop the voice after the jobs queued before (memory is freed with the last reference).
+
+        A synthesis already under way keeps its reference and finishes; a later one loads it again.
+        """
         if self._voice is None:
             return
         def drop() -> None:

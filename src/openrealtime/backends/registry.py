@@ -44,10 +44,12 @@ logger = logging.getLogger(__name__)
 BackendFactory = Callable[..., LLMBackend]
 
 
-def _default_factory(path: Path, *, n_ctx: int, n_threads: int, name: str) -> LLMBackend:
+def _default_factory(path: Path, *, n_ctx: int, n_threads: int, name: str, n_parallel: int = 16,
+                     cache_tokens: int = 0) -> LLMBackend:
     from openrealtime.backends.llamacpp import LlamaCppBackend  # loads libllama only when needed
 
-    return LlamaCppBackend(path, n_ctx=n_ctx, n_threads=n_threads, name=name)
+    return LlamaCppBackend(path, n_ctx=n_ctx, n_threads=n_threads, name=name, n_parallel=n_parallel,
+                           cache_tokens=cache_tokens)
 
 
 class _Slot:
@@ -311,7 +313,8 @@ class LLMRegistry:
             logger.info("Loading model %s from %s", name, slot.key)
             backend = await asyncio.to_thread(
                 self._factory, Path(slot.key), n_ctx=self._settings.llm_context,
-                n_threads=self._settings.llm_threads, name=name,
+                n_threads=self._settings.llm_threads, name=name, n_parallel=self._settings.llm_parallel,
+                cache_tokens=self._settings.llm_cache_tokens,
             )
             if self._closed:  # shut down while loading
                 await backend.close()

@@ -151,7 +151,7 @@ def _build_stt(settings: Any) -> STTBackend | None:
                        "or set stt_model to a CTranslate2 Whisper directory)")
         return None
     return WhisperSTT(path or None, compute_type=str(_setting(settings, "stt_compute_type", "int8")),
-                      cpu_threads=int(_setting(settings, "stt_threads", 2)),
+                      cpu_threads=int(_setting(settings, "stt_threads", 1)),
                       beam_size=int(_setting(settings, "stt_beam_size", 1)))
 
 

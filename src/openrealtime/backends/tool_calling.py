@@ -370,9 +370,10 @@ class TokenVocab:
 
 _T = TypeVar("_T")
 
-Steps = Generator[None, None, _T]
-"""Decoding work that pauses (``yield``) right before each evaluation by the model, so that the
-caller can let other requests use the model first, and returns its result at the end."""
+Steps = Generator[Any, None, _T]
+"""Decoding work that pauses (``yield``, with whatever the model's ``evaluate`` yields: the llama.cpp
+backend's batching scheduler takes the tokens from there) right before each evaluation by the
+model, and returns its result at the end."""
 
 Sink = Callable[[str], None]
 

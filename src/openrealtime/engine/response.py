@@ -352,6 +352,9 @@ class ResponseRun:
                 max_tokens=None if max_tokens == "inf" else int(max_tokens),
                 tools=self._tools(),
                 tool_choice=self.spec.tool_choice,
+                # The session's cache slot serves its conversation; an out-of-band prompt (a
+                # custom `input`, conversation "none") must not overwrite it.
+                cache_key=self.session.id if self.spec.in_conversation and self.spec.input is None else None,
             )
             if self.speaks:
                 finished = await self._stream_speech(llm, params)

@@ -38,6 +38,7 @@ from .conversation import Conversation
 from .input import RATE as INPUT_RATE
 from .input import InputAudio
 from .response import ResponseRun, SpokenAudio, resolve
+from .stats import observe_turn
 from .transcription import Transcriber
 from .truncation import ContextWindow
 
@@ -311,6 +312,7 @@ class RealtimeSession:
         rel["speculative_stt"] = marks.get("speculative_stt", 0.0)
         log.info("turn-timing %s", json.dumps({"session": self.id, "response": response_id,
                                                "transport": self.transport, "base_monotonic": base, "ms": rel}))
+        observe_turn(marks, self.transport)
 
     def response_finished(self, run: ResponseRun) -> None:
         self._runs.pop(run.id, None)

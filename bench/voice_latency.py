@@ -139,7 +139,8 @@ async def websocket_turns(server: Server, questions: list[bytes], silence_ms: in
     rows = []
     async with client.realtime.connect(model="gpt-realtime") as conn:
         await conn.session.update(session=session_config(silence_ms, turn))  # type: ignore[arg-type]
-        state: dict[str, Any] = {"first_audible": None, "done": None, "audio_ms": 0}
+        state: dict[str, Any] = {"first_audible": None, "done": None, "audio_ms": 0, "pcm": bytearray(),
+                                 "transcript": ""}
         new_event = asyncio.Event()
 
         async def reader() -> None:
@@ -147,8 +148,11 @@ async def websocket_turns(server: Server, questions: list[bytes], silence_ms: in
                 if event.type == "response.output_audio.delta":
                     chunk = base64.b64decode(event.delta)
                     state["audio_ms"] += len(chunk) // 48
+                    state["pcm"] += chunk
                     if state["first_audible"] is None and rms(chunk) > AUDIBLE_RMS:
                         state["first_audible"] = time.monotonic()
+                elif event.type == "response.output_audio_transcript.done":
+                    state["transcript"] += event.transcript
                 elif event.type == "response.done":
                     state["done"] = event.response.id
                 new_event.set()
@@ -156,7 +160,7 @@ async def websocket_turns(server: Server, questions: list[bytes], silence_ms: in
         read_task = asyncio.create_task(reader())
         try:
             for pcm24 in questions:
-                state.update(first_audible=None, done=None, audio_ms=0)
+                state.update(first_audible=None, done=None, audio_ms=0, pcm=bytearray(), transcript="")
                 await send_realtime(conn, silence(300, 24_000))
                 await send_realtime(conn, pcm24)
                 speech_end_at = time.monotonic()
@@ -166,7 +170,9 @@ async def websocket_turns(server: Server, questions: list[bytes], silence_ms: in
                         new_event.clear()
                         await new_event.wait()
                 await trailing
-                rows.append(turn_row(server, state["done"], speech_end_at, state["first_audible"]))
+                row = turn_row(server, state["done"], speech_end_at, state["first_audible"])
+                row["reply_pcm24"], row["reply_text"] = bytes(state["pcm"]), state["transcript"]
+                rows.append(row)
                 # Let the client "play" the reply before the next question (no barge-in).
                 await asyncio.sleep(state["audio_ms"] / 1000)
         finally:
@@ -194,29 +200,84 @@ def turn_row(server: Server, response_id: str, speech_end_at: float, first_audib
     return row
 
 
+def word_error_rate(reference: str, hypothesis: str) -> float | None:
+    """Word-level edit distance over the reference's length (case and punctuation ignored)."""
+    ref, hyp = (re.findall(r"[a-z0-9']+", t.lower()) for t in (reference, hypothesis))
+    if not ref:
+        return None
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1] / len(ref)
+
+
+async def score_speech(results: dict[str, list[dict]]) -> None:
+    """How the replies sound, in a number: Whisper's transcript of the audio the client received
+    (WebSocket rows) against the text the server spoke. Choppy or garbled speech raises the WER.
+    Run after the servers have stopped, so it costs the latency figures nothing."""
+    from openrealtime.audio.resample import resample
+    from openrealtime.backends.speech import TranscriptDone
+    from openrealtime.backends.whisper_stt import WhisperSTT
+
+    stt = WhisperSTT()
+    for rows in results.values():
+        for row in rows:
+            pcm, text = row.pop("reply_pcm24", b""), row.get("reply_text", "")
+            if not pcm or not text:
+                continue
+            heard = ""
+            async for event in stt.transcribe(resample(pcm, 24_000, 16_000), language="en"):
+                if isinstance(event, TranscriptDone):
+                    heard = event.text
+            row["heard_text"], row["wer"] = heard, word_error_rate(text, heard)
+
+
 def median(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
 
 
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """`--compare` entries: `label:NAME=value,NAME=value` (settings without the OPENREALTIME_ prefix)."""
+    label, _, assignments = spec.partition(":")
+    env = {}
+    for part in filter(None, assignments.split(",")):
+        name, sep, value = part.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--compare {spec!r}: expected label:SETTING=value[,SETTING=value]")
+        env["OPENREALTIME_" + name.strip().upper()] = value.strip()
+    return label or "default", env
+
+
 async def run(model: str, silence_ms: int, n: int, transports: list[str],
-              turns: tuple[str, ...] = ("server_vad",)) -> dict:
+              turns: tuple[str, ...] = ("server_vad",), variants: list[tuple[str, dict[str, str]]] | None = None
+              ) -> dict:
+    """One server per variant (the settings under comparison), the same spoken questions for each."""
     questions = [speak(q, 24_000) for q in (QUESTIONS * 3)[:n]]
-    env = {"OPENREALTIME_LLM_MODEL": model}
-    if os.environ.get("OPENREALTIME_LLM_THREADS"):
-        env["OPENREALTIME_LLM_THREADS"] = os.environ["OPENREALTIME_LLM_THREADS"]
-    server = start_server(env, name="bench-voice")
     results: dict[str, list[dict]] = {}
+    for label, extra in variants or [("", {})]:
+        env = {"OPENREALTIME_LLM_MODEL": model, **extra}
+        if os.environ.get("OPENREALTIME_LLM_THREADS"):
+            env.setdefault("OPENREALTIME_LLM_THREADS", os.environ["OPENREALTIME_LLM_THREADS"])
+        prefix = f"{label} " if label else ""
+        await run_server(env, prefix, questions, silence_ms, transports, turns, results)
+    return results
+
+
+async def run_server(env: dict[str, str], prefix: str, questions: list[bytes], silence_ms: int,
+                     transports: list[str], turns: tuple[str, ...], results: dict[str, list[dict]]) -> None:
+    server = start_server(env, name="bench-voice")
     try:
         for turn in turns:  # rows are "<transport>" for server_vad, "<transport> semantic_vad" otherwise
             suffix = "" if turn == "server_vad" else f" {turn}"
             if "webrtc" in transports:
-                results["webrtc" + suffix] = await webrtc_turns(server, questions, silence_ms, turn)
+                results[prefix + "webrtc" + suffix] = await webrtc_turns(server, questions, silence_ms, turn)
             if "websocket" in transports:
-                results["websocket" + suffix] = await websocket_turns(server, questions, silence_ms, turn)
+                results[prefix + "websocket" + suffix] = await websocket_turns(server, questions, silence_ms, turn)
     finally:
         stop_server(server)
-    return results
 
 
 def fmt(v: float | None) -> str:
@@ -232,26 +293,38 @@ def main() -> None:
     parser.add_argument("--turn-detection", nargs="+", default=["server_vad"], choices=["server_vad", "semantic_vad"],
                         help="one row per transport and turn detection type (semantic_vad: smart-turn)")
     parser.add_argument("--eagerness", default="auto", choices=sorted(SEMANTIC_MAX_WAIT_MS))
+    parser.add_argument("--compare", nargs="+", metavar="LABEL:SETTING=VALUE,...",
+                        help="before/after rows in one run: one server per entry with those settings, e.g. "
+                             "before:tts_first_words=0 after:tts_first_words=4")
     args = parser.parse_args()
     global EAGERNESS
     EAGERNESS = args.eagerness
+    variants = [parse_variant(spec) for spec in args.compare] if args.compare else None
     results = asyncio.run(run(args.model, args.silence_ms, args.utterances, args.transports,
-                              tuple(args.turn_detection)))
-    cols = [*STAGES, "client_heard"]
-    print(f"\nvoice-to-voice latency, {args.model}, server_vad silence_duration_ms={args.silence_ms}, "
+                              tuple(args.turn_detection), variants))
+    asyncio.run(score_speech(results))
+    cols = [*STAGES, "client_heard", "wer"]
+    print(f"\nvoice-to-voice latency (wer: mean word error rate of Whisper's transcript of the received "
+          f"reply audio against the spoken text, WebSocket rows), {args.model}, "
+          f"server_vad silence_duration_ms={args.silence_ms}, "
           f"semantic_vad eagerness={args.eagerness}, "
           f"{os.cpu_count()} CPU cores; medians in ms from the end of user speech")
-    print(f"{'transport':22} {'n':>3} " + " ".join(f"{c:>15}" for c in cols))
+    width = max([22, *(len(k) + 1 for k in results)])
+    print(f"{'transport':{width}} {'n':>3} " + " ".join(f"{c:>15}" for c in cols))
     summary = {}
     for transport, rows in results.items():
-        med = {c: median([r[c] for r in rows]) for c in cols}
+        med = {c: median([r.get(c) for r in rows]) for c in cols}
+        wers = [r["wer"] for r in rows if r.get("wer") is not None]
+        med["wer"] = statistics.mean(wers) if wers else None  # the mean: one garbled reply must show
         summary[transport] = med
-        print(f"{transport:22} {len(rows):>3} " + " ".join(f"{fmt(med[c]):>15}" for c in cols))
+        print(f"{transport:{width}} {len(rows):>3} " + " ".join(
+            f"{(fmt(med[c]) if c != 'wer' else '-' if med[c] is None else f'{med[c]:.2f}'):>15}" for c in cols))
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"voice_latency-{re.sub(r'[^a-z0-9.]+', '-', args.model)}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"model": args.model, "silence_ms": args.silence_ms, "cpu_count": os.cpu_count(),
                                 "turn_detection": args.turn_detection, "eagerness": args.eagerness,
+                                "compare": args.compare,
                                 "summary_median_ms": summary, "turns": results}, indent=2))
     print(f"\nwrote {path}")
 

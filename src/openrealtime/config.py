@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     tts_model: str | None = None  # a Piper .onnx voice; default: the bundled en_US-joe-medium
     tts_config: str | None = None
     tts_threads: int = 1
+    # Words after which a reply's first piece goes to speech synthesis when no punctuation came
+    # yet (0: wait for the first comma or sentence end): the first audio waits for a few tokens.
+    tts_first_words: int = Field(default=4, ge=0, le=50)
     # semantic_vad's end-of-turn model: smart-turn v3 (the ONNX file the pipecat-ai wheel ships).
     turn_detector_enabled: bool = True
     turn_detector_model: str | None = None  # a smart-turn v3 ONNX file; default: pipecat-ai's

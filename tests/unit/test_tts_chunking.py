@@ -120,6 +120,26 @@ def test_clauses_cut_at_sentences_and_commas():
     assert clauses == ["Well, as far as I know, ", "the answer is yes and it always was"]
 
 
+def test_first_words_start_speech_before_the_first_clause_ends():
+    text = "The capital of France is Paris and it has been for centuries. Anything else? "
+    assert stream(ClauseSplitter(first_words=4), text) == [
+        "The capital of France ", "is Paris and it has been for centuries. ", "Anything else? "]
+    # Only the first piece: later ones still run to a sentence end (or a comma past min_chars).
+    assert stream(ClauseSplitter(first_words=0), text) == [
+        "The capital of France is Paris and it has been for centuries. ", "Anything else? "]
+    # Punctuation that comes in time still wins, and a word is never cut before whitespace follows it.
+    assert stream(ClauseSplitter(first_words=4), "Yes. The capital is Paris. ") == ["Yes. ", "The capital is Paris. "]
+    splitter = ClauseSplitter(first_words=3)
+    assert splitter.push("One two thr") == [] and splitter.push("ee") == []
+    assert splitter.push(" four") == ["One two three "]
+
+
+def test_first_words_need_first_min_chars():
+    # Three tiny words are not enough text for a first piece: it takes words until 12 characters.
+    assert stream(ClauseSplitter(first_words=3, first_min_chars=12), "I am ok and you are fine. ") == [
+        "I am ok and you ", "are fine. "]
+
+
 def test_clauses_without_punctuation_are_bounded_while_streaming():
     splitter = ClauseSplitter(max_chars=200)
     text = unpunctuated(4096)

@@ -1,7 +1,9 @@
 """Cut streaming LLM text into clauses for speech synthesis.
 
 Speaking starts as soon as the first clause is complete, so the first cut is eager (a comma
-will do once there are a few words); later cuts prefer sentence ends so prosody stays natural.
+will do once there are a few words, and with ``first_words`` so will that many words with no
+break at all: the first audio then waits for a few tokens, not for a whole clause); later cuts
+prefer sentence ends so prosody stays natural.
 No clause is longer than ``max_chars`` (plus the whitespace around it): text without punctuation
 is cut at a word boundary, so neither the pending text nor one synthesis run grows with it.
 """
@@ -12,6 +14,7 @@ import re
 
 _SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*\s+|\n+")
 _SOFT_BREAK = re.compile(r"[,;:\u2014\u2013]\s+")  # comma, semicolon, colon, em/en dash
+_WORD = re.compile(r"\S+\s+")  # a word known to be complete: whitespace follows it
 
 
 class ClauseSplitter:
@@ -19,8 +22,10 @@ class ClauseSplitter:
 
     # max_chars matches the Piper backend's piece bound (MAX_PIECE_CHARS), so a clause is never
     # cut again there; it is not imported, to keep that GPL-backed module out of the engine.
-    def __init__(self, first_min_chars: int = 12, min_chars: int = 40, max_chars: int = 200):
+    def __init__(self, first_min_chars: int = 12, min_chars: int = 40, max_chars: int = 200,
+                 first_words: int = 0):
         self.first_min_chars = first_min_chars
+        self.first_words = first_words
         self.min_chars = min_chars
         self.max_chars = max_chars
         self._buf = ""
@@ -68,6 +73,12 @@ class ClauseSplitter:
                 break
             if m.start() >= min_chars:
                 return m.end()
+        if self._emitted == 0 and self.first_words > 0:
+            for n, m in enumerate(_WORD.finditer(buf, start), 1):
+                if m.start() > limit:
+                    break
+                if n >= self.first_words and len(buf[:m.end()].strip()) >= self.first_min_chars:
+                    return m.end()
         if len(buf) <= limit:
             return None
         for i in range(limit, start, -1):  # the last word boundary within the limit

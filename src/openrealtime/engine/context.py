@@ -35,6 +35,8 @@ class EngineContext:
     # voice unless `strict_names`, which makes unknown voices, models and transcription models errors.
     voice_aliases: dict[str, str] = field(default_factory=dict)
     strict_names: bool = False
+    # A reply's first piece is spoken after this many words even without punctuation (0: off).
+    first_chunk_words: int = 0
     # Server-wide counters for GET /metrics (api/metrics.py).
     stats: EngineStats = field(default_factory=EngineStats)
 

@@ -416,7 +416,7 @@ class ResponseRun:
             clauses.put_nowait(clause)
 
         async def produce() -> None:
-            splitter = ClauseSplitter()
+            splitter = ClauseSplitter(first_words=self.session.ctx.first_chunk_words)
             try:
                 async with contextlib.aclosing(llm.stream(self.messages, params)) as stream:
                     async for chunk in stream:

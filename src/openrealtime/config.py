@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     # and the cache cells they share (0: 4 x llm_context).
     llm_parallel: int = Field(default=16, ge=1, le=256)
     llm_cache_tokens: int = Field(default=0, ge=0)
+    # Evaluate a turn's prompt during the silence wait, from the speculative transcript (local models).
+    llm_prefill: bool = False
     # Allow sessions to pick any local .gguf path through the session `model` field.
     allow_model_paths: bool = False
     model_cache_dir: Path = Field(

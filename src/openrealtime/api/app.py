@@ -49,6 +49,7 @@ def create_app(settings: Settings) -> FastAPI:
         voice_aliases={k.strip().lower(): v for k, v in settings.voice_aliases.items()},
         strict_names=settings.strict_names,
         first_chunk_words=settings.tts_first_words,
+        speculative_prefill=settings.llm_prefill,
         rate_limiter=RateLimiter(settings.rate_limit_requests_per_min, settings.rate_limit_tokens_per_min),
     )
 

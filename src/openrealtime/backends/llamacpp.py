@@ -514,6 +514,10 @@ class _ComputeThread:
 class LlamaCppBackend:
     """A GGUF model served from the process-wide llama.cpp compute thread; implements ``LLMBackend``."""
 
+    # A request with max_tokens=0 only evaluates its prompt into the conversation's slot, which
+    # the next request of that conversation reuses (the engine's speculative prefill).
+    prefills = True
+
     def __init__(self, path: str | Path, *, n_ctx: int = 4096, n_threads: int = 0, name: str | None = None,
                  n_threads_batch: int = 0, flash_attn: bool | None = None, check_batching: bool = True,
                  max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS, n_parallel: int = DEFAULT_PARALLEL,
@@ -963,13 +967,17 @@ class LlamaCppBackend:
             if op.want_logits and op.done + take == len(tokens):
                 batch.logits[i - 1] = 1
         batch.n_tokens = i
-        # Prompts use every core; so does the generation of a lone request while no speech model
+        # Prompts (any step with a prompt part, or many tokens) use every core: they run while the
+        # rest of the pipeline waits for the reply, right after STT finished, when a busy check
+        # would still see its last step and halve the speed. So does the generation of a lone
+        # request while no speech model
         # computes (two spinning ggml threads with one core taken elsewhere collapse, see
         # __init__). With several requests the speech of their calls keeps a core busy most of
         # the time, and a step that collides with it stalls both: measured on 4 calls, 2 threads
         # whenever speech was idle gave 8.3 s to first audio and a 9.4 s gap in one reply; 1 thread
         # 7.0-7.3 s and gaps under 1 s.
-        many = i >= _BATCH_THREADS_MIN_TOKENS or (len(parts) == 1 and busy_workers() == 0)
+        many = (i >= _BATCH_THREADS_MIN_TOKENS or any(req.op.prompt for req, _ in parts)
+                or (len(parts) == 1 and busy_workers() == 0))
         threads = self.n_threads_batch if many else self.n_threads
         if self._threads != (threads, threads):
             self._native.set_n_threads(self._ctx, threads, threads)
@@ -1133,7 +1141,9 @@ class LlamaCppBackend:
             max_new = min(cap, n_ctx - n_prompt)
             rng = np.random.default_rng(params.seed) if params.seed is not None else self._rng
             cursor = _Cursor(self, req, max_new)
-            if forced is not None:
+            if max_new <= 0:
+                finish = "length"  # a prefill (max_tokens=0), or a prompt that fills the context
+            elif forced is not None:
                 # tool_choice "required" or a named function: the reply is a call, whatever the model.
                 cut = yield from self._tool_calls(req, cursor, rng, tools, forced or None, single=True,
                                                   opening=TOOL_CALL_OPEN + CALL_PREFIX)

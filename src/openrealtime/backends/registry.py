@@ -73,6 +73,7 @@ class ModelHandle:
         self._allow_paths = allow_paths
         self.name = name
         self.context_length = 0
+        self.prefills = False  # as the loaded backend (see engine/prefill.py), known once it loaded
 
     async def stream(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[LLMEvent]:
         """Delegate to the loaded backend, marking the model busy so it is not evicted meanwhile."""
@@ -300,6 +301,7 @@ class LLMRegistry:
                     slot.loading.add_done_callback(lambda t: t.cancelled() or t.exception())
                 await asyncio.shield(slot.loading)
             handle.context_length = slot.backend.context_length
+            handle.prefills = bool(getattr(slot.backend, "prefills", False))
         except BaseException:
             slot.active -= 1
             raise

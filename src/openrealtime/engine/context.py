@@ -37,6 +37,8 @@ class EngineContext:
     strict_names: bool = False
     # A reply's first piece is spoken after this many words even without punctuation (0: off).
     first_chunk_words: int = 0
+    # Evaluate the next prompt during the silence wait (engine/prefill.py).
+    speculative_prefill: bool = False
     # Server-wide counters for GET /metrics (api/metrics.py).
     stats: EngineStats = field(default_factory=EngineStats)
 

@@ -259,6 +259,7 @@ class InputAudio:
             self._cancel_speculation()
             pcm = self.segment(self._speech_start_ms - self._padding(), event.speech_end_ms)
             self._speculation = (event.speech_end_ms, self.s.transcriber.speculate(pcm))
+            self.s.prefill.start(self._speculation[1])
         elif isinstance(event, SpeechResumed):
             self._cancel_speculation()
         elif isinstance(event, SpeechStopped):
@@ -278,6 +279,7 @@ class InputAudio:
             if self._speculation is not None and self._speculation[0] == event.speech_end_ms:
                 speculative = self._speculation[1]
                 self._speculation = None
+                self.s.prefill.turn_committed()
             self._cancel_speculation()
             self.s.commit_audio(pcm, item_id, speculative)
             if td is not None and td.create_response:
@@ -311,6 +313,7 @@ class InputAudio:
         if self._speculation is not None:
             self._speculation[1].cancel()
             self._speculation = None
+            self.s.prefill.cancel()
 
     async def close(self) -> None:
         if self._speculation is not None:

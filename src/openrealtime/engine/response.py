@@ -346,6 +346,7 @@ class ResponseRun:
             self.marks["prompt_ready"] = time.monotonic()
             llm = await self.session.ctx.resolve_llm(self.session.config.model)
             self.messages = await self._prompt(llm)
+            await self.session.prefill.settle()  # its slot is this response's now (the prompt cached)
             max_tokens = self.spec.max_output_tokens
             params = GenerationParams(
                 temperature=self.spec.temperature,

@@ -37,6 +37,7 @@ from .context import EngineContext
 from .conversation import Conversation
 from .input import RATE as INPUT_RATE
 from .input import InputAudio
+from .prefill import SpeculativePrefill
 from .response import ResponseRun, SpokenAudio, resolve
 from .stats import observe_turn
 from .transcription import Transcriber
@@ -112,6 +113,7 @@ class RealtimeSession:
                 raise InvalidSessionConfig(exc.message, exc.param, exc.code) from None
         self._runs: dict[str, ResponseRun] = {}
         self._active: ResponseRun | None = None  # the default conversation's response
+        self.prefill = SpeculativePrefill(self)  # the LLM reads the next prompt during the silence wait
         self._auto_response_pending = False
         # Set by a transport that plays audio itself (WebRTC) before start().
         self.audio_output: AudioOutput | None = None
@@ -235,6 +237,7 @@ class RealtimeSession:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._cancel_idle_timer()
+        await self.prefill.settle()
         await self.input.close()
         await self.transcriber.close()
         if self.audio_output is not None:

@@ -1,0 +1,98 @@
+"""Speculative prompt evaluation: the LLM reads the next prompt while the silence wait decides the turn.
+
+The transcript of a turn that may be over is computed at the first pause (speculative STT, see
+engine/input.py). As soon as it is there, the prompt the turn's response would get (the session's
+instructions and tools, the conversation, the new user message) is evaluated with
+``max_tokens=0`` into the session's cache slot (``cache_key``): nothing is generated or sent.
+When the turn is confirmed, the response's own request finds that prompt cached and starts
+generating at once; when the user goes on speaking, the work is only cache that the next prompt
+diverges from (it is cut back there), so nothing stale can reach the client.
+
+Only backends that keep a cache per conversation (``prefills = True``: the in-process llama.cpp
+backend) are asked; a remote provider would bill a request for nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from ..backends.llm import ChatMessage, GenerationParams, ToolSpec
+from ..protocol.items import ContentPart, Item
+
+if TYPE_CHECKING:
+    from .session import RealtimeSession
+
+log = logging.getLogger(__name__)
+
+
+class SpeculativePrefill:
+    """At most one prefill per session: the one for the pause the user is in now."""
+
+    def __init__(self, session: RealtimeSession) -> None:
+        self.s = session
+        self._task: asyncio.Task[None] | None = None
+        self._evaluating = False  # the prefill's LLM request is under way
+        self.started = 0  # prefills begun, and those that ran to the end (for tests and logs)
+        self.completed = 0
+
+    def start(self, transcript: asyncio.Task) -> None:
+        """Prefill once the speculative transcript `transcript` (a Transcriber task) is ready."""
+        self.cancel()
+        if not self.s.ctx.speculative_prefill:
+            return
+        self._evaluating = False
+        self._task = asyncio.create_task(self._run(transcript), name=f"prefill-{self.s.id}")
+
+    def turn_committed(self) -> None:
+        """The turn is confirmed: a prefill still waiting for its transcript would only start when
+        the response does (the transcript was the bottleneck) and delay it, so it is dropped; one
+        already evaluating goes on (the response then finds its prompt cached)."""
+        if not self._evaluating:
+            self.cancel()
+
+    def cancel(self) -> asyncio.Task[None] | None:
+        """Stop the prefill (the user went on, or a response starts); returns its task to await."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+        return task
+
+    async def settle(self) -> None:
+        """Before a response's own LLM request: the prefill leaves its slot (what it evaluated stays)."""
+        task = self.cancel()
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _run(self, transcript: asyncio.Task) -> None:
+        try:
+            result = await asyncio.shield(transcript)  # cancelling the prefill leaves the STT running
+            text = result.done.text.strip()
+            if not text:
+                return
+            s = self.s
+            llm = await s.ctx.resolve_llm(s.config.model)
+            if not getattr(llm, "prefills", False):
+                return
+            from .response import items_to_messages, resolve  # response imports this module's users
+
+            spec = resolve(s, None)
+            user = Item(type="message", role="user", status="completed",
+                        content=[ContentPart(type="input_audio", transcript=text)])
+            messages = [ChatMessage(role="system", content=spec.instructions)] if spec.instructions else []
+            messages += items_to_messages([*s.conversation, user])
+            tools = [ToolSpec(name=t.name, description=t.description, parameters=t.parameters) for t in spec.tools]
+            params = GenerationParams(max_tokens=0, tools=tools, tool_choice=spec.tool_choice, cache_key=s.id)
+            self.started += 1
+            self._evaluating = True
+            async with contextlib.aclosing(llm.stream(messages, params)) as stream:
+                async for _ in stream:
+                    pass
+            self.completed += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a hint only: the response does the real work and reports errors
+            log.debug("session %s: speculative prefill skipped: %s", self.s.id, exc)

@@ -1,0 +1,106 @@
+"""Speculative prompt evaluation during the silence wait (engine/prefill.py), through the real server.
+
+Audio is streamed in real time here: the prefill runs on the wall clock while the turn detector
+counts audio time, so a faster-than-real-time stream would confirm the turn before it could help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from tests.audio_fixtures import silence, speak
+from tests.metrics_text import total
+
+from .conftest import Server, client, start_server, stop_server
+from .test_metrics import scrape
+from .test_voice_websocket import RATE, Recorder, send_audio
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    """A server with the prefill on (`llm_prefill`, off by default)."""
+    srv = start_server({"OPENREALTIME_LLM_PREFILL": "true"}, name="prefill")
+    yield srv
+    stop_server(srv)
+    assert "Traceback" not in srv.log_text()
+
+
+def voice_session(silence_ms: int) -> dict:
+    return {
+        "type": "realtime",
+        "output_modalities": ["text"],
+        "instructions": "You are a helpful assistant. Answer in one short sentence.",
+        "max_output_tokens": 24,
+        "audio": {"input": {"transcription": {"model": "whisper-1"},
+                            "turn_detection": {"type": "server_vad", "silence_duration_ms": silence_ms}}},
+    }
+
+
+async def test_without_the_setting_nothing_is_prefilled() -> None:
+    srv = start_server(name="no-prefill")
+    try:
+        async with client(srv).realtime.connect(model="gpt-realtime") as conn:
+            rec = Recorder(conn)
+            await rec.wait_for("session.created")
+            await conn.session.update(session=voice_session(1500))  # type: ignore[arg-type]
+            await rec.wait_for("session.updated")
+            await send_audio(conn, silence(400, RATE) + speak("What is the capital of France?", RATE)
+                             + silence(2500, RATE), speedup=1.0)
+            usage = (await rec.wait_for("response.done"))["response"]["usage"]
+            rec.task.cancel()
+    finally:
+        stop_server(srv)
+    # Only a shared prefix (the chat template's start) can come from the cache: not the question.
+    assert usage["input_token_details"]["cached_tokens"] < usage["input_tokens"] - 8, usage
+
+
+async def test_the_prompt_is_evaluated_while_the_silence_wait_runs(server: Server):
+    """A long silence wait: the speculative transcript and the prefill are done before the turn is
+    confirmed, so the response finds its whole prompt but the last token in the cache."""
+    async with client(server).realtime.connect(model="gpt-realtime") as conn:
+        rec = Recorder(conn)
+        await rec.wait_for("session.created")
+        await conn.session.update(session=voice_session(1500))  # type: ignore[arg-type]
+        await rec.wait_for("session.updated")
+        await send_audio(conn, silence(400, RATE) + speak("What is the capital of France?", RATE)
+                         + silence(2500, RATE), speedup=1.0)
+        done = (await rec.wait_for("response.done"))["response"]
+        rec.task.cancel()
+    assert done["status"] in ("completed", "incomplete"), done
+    usage = done["usage"]
+    assert usage["output_tokens"] > 0
+    assert usage["input_token_details"]["cached_tokens"] >= usage["input_tokens"] - 1, usage
+    assert sum(t == "response.created" for t in rec.types()) == 1
+
+
+async def test_speaking_on_after_a_pause_discards_the_speculation(server: Server):
+    """A pause long enough for the speculative transcript and prefill (1 s, the wait is 1.5 s), then
+    more words: one turn, one response, and it is about the whole utterance."""
+    first, second = speak("Please tell me the name of", RATE), speak("the capital city of France.", RATE)
+    async with client(server).realtime.connect(model="gpt-realtime") as conn:
+        rec = Recorder(conn)
+        await rec.wait_for("session.created")
+        await conn.session.update(session=voice_session(1500))  # type: ignore[arg-type]
+        await rec.wait_for("session.updated")
+        before = await scrape(server)
+        await send_audio(conn, silence(400, RATE) + first + silence(1000, RATE) + second + silence(2500, RATE),
+                         speedup=1.0)
+        done = (await rec.wait_for("response.done"))["response"]
+        await asyncio.sleep(0.5)  # nothing else may follow
+        rec.task.cancel()
+    types = rec.types()
+    assert types.count("input_audio_buffer.committed") == 1, types
+    assert types.count("response.created") == 1 and types.count("response.done") == 1, types
+    completed = [e for e in rec.events if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert len(completed) == 1
+    words = completed[0]["transcript"].lower()
+    assert "name" in words and "france" in words, words  # the full utterance, not the speculation
+    assert done["status"] in ("completed", "incomplete"), done
+    # Three LLM requests: the prefill at the pause (thrown away), the one at the end, the response.
+    requests = "openrealtime_llm_queue_wait_seconds_count"
+    assert total(await scrape(server), requests) - total(before, requests) >= 3

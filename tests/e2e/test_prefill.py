@@ -41,18 +41,25 @@ def voice_session(silence_ms: int) -> dict:
     }
 
 
+async def ask(server: Server, audio: bytes, linger_s: float = 0.0) -> tuple[Recorder, dict]:
+    """One spoken turn in real time (the silence wait is 1.5 s); the recorder and the response."""
+    async with client(server).realtime.connect(model="gpt-realtime") as conn:
+        rec = Recorder(conn)
+        await rec.wait_for("session.created")
+        await conn.session.update(session=voice_session(1500))  # type: ignore[arg-type]
+        await rec.wait_for("session.updated")
+        await send_audio(conn, audio, speedup=1.0)
+        done = (await rec.wait_for("response.done"))["response"]
+        await asyncio.sleep(linger_s)
+        rec.task.cancel()
+    return rec, done
+
+
 async def test_without_the_setting_nothing_is_prefilled() -> None:
     srv = start_server(name="no-prefill")
     try:
-        async with client(srv).realtime.connect(model="gpt-realtime") as conn:
-            rec = Recorder(conn)
-            await rec.wait_for("session.created")
-            await conn.session.update(session=voice_session(1500))  # type: ignore[arg-type]
-            await rec.wait_for("session.updated")
-            await send_audio(conn, silence(400, RATE) + speak("What is the capital of France?", RATE)
-                             + silence(2500, RATE), speedup=1.0)
-            usage = (await rec.wait_for("response.done"))["response"]["usage"]
-            rec.task.cancel()
+        usage = (await ask(srv, silence(400, RATE) + speak("What is the capital of France?", RATE)
+                           + silence(2500, RATE)))[1]["usage"]
     finally:
         stop_server(srv)
     # Only a shared prefix (the chat template's start) can come from the cache: not the question.
@@ -62,15 +69,8 @@ async def test_without_the_setting_nothing_is_prefilled() -> None:
 async def test_the_prompt_is_evaluated_while_the_silence_wait_runs(server: Server):
     """A long silence wait: the speculative transcript and the prefill are done before the turn is
     confirmed, so the response finds its whole prompt but the last token in the cache."""
-    async with client(server).realtime.connect(model="gpt-realtime") as conn:
-        rec = Recorder(conn)
-        await rec.wait_for("session.created")
-        await conn.session.update(session=voice_session(1500))  # type: ignore[arg-type]
-        await rec.wait_for("session.updated")
-        await send_audio(conn, silence(400, RATE) + speak("What is the capital of France?", RATE)
-                         + silence(2500, RATE), speedup=1.0)
-        done = (await rec.wait_for("response.done"))["response"]
-        rec.task.cancel()
+    rec, done = await ask(server, silence(400, RATE) + speak("What is the capital of France?", RATE)
+                          + silence(2500, RATE))
     assert done["status"] in ("completed", "incomplete"), done
     usage = done["usage"]
     assert usage["output_tokens"] > 0
@@ -82,17 +82,9 @@ async def test_speaking_on_after_a_pause_discards_the_speculation(server: Server
     """A pause long enough for the speculative transcript and prefill (1 s, the wait is 1.5 s), then
     more words: one turn, one response, and it is about the whole utterance."""
     first, second = speak("Please tell me the name of", RATE), speak("the capital city of France.", RATE)
-    async with client(server).realtime.connect(model="gpt-realtime") as conn:
-        rec = Recorder(conn)
-        await rec.wait_for("session.created")
-        await conn.session.update(session=voice_session(1500))  # type: ignore[arg-type]
-        await rec.wait_for("session.updated")
-        before = await scrape(server)
-        await send_audio(conn, silence(400, RATE) + first + silence(1000, RATE) + second + silence(2500, RATE),
-                         speedup=1.0)
-        done = (await rec.wait_for("response.done"))["response"]
-        await asyncio.sleep(0.5)  # nothing else may follow
-        rec.task.cancel()
+    before = await scrape(server)
+    rec, done = await ask(server, silence(400, RATE) + first + silence(1000, RATE) + second + silence(2500, RATE),
+                          linger_s=0.5)  # nothing else may follow
     types = rec.types()
     assert types.count("input_audio_buffer.committed") == 1, types
     assert types.count("response.created") == 1 and types.count("response.done") == 1, types

@@ -83,7 +83,9 @@ class Heard:
 class Peer:
     """A WebRTC client: a microphone, the `oai-events` channel, validated events, heard audio."""
 
-    def __init__(self, mic: MediaStreamTrack | None = None, record: bool = False) -> None:
+    def __init__(self, mic: MediaStreamTrack | None = None, record: bool = False, validate: bool = True) -> None:
+        """`validate=False` (benchmarks): skip the schema checks, whose Node round trip blocks the loop."""
+        self.validate = validate
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: stay on loopback
         self.mic = mic or AudioStreamTrack()
         self.pc.addTrack(self.mic)
@@ -139,7 +141,8 @@ class Peer:
     async def next_event(self, wait_s: float = 30) -> dict[str, Any]:
         at, raw = await asyncio.wait_for(self._events.get(), wait_s)
         event = json.loads(raw)
-        assert_valid_server_event(event)
+        if self.validate:
+            assert_valid_server_event(event)
         self.last_event_at = at
         return event
 
@@ -159,7 +162,7 @@ class Peer:
                 await self._recorder
         self.mic.stop()
         await self.pc.close()
-        while not self._events.empty():  # whatever arrived unread must be valid too
+        while self.validate and not self._events.empty():  # whatever arrived unread must be valid too
             assert_valid_server_event(json.loads(self._events.get_nowait()[1]))
 
 

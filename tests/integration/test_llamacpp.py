@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from openrealtime.backends.gguf import ensure_model
 from openrealtime.backends.llm import (
     ChatMessage,
     Finished,
@@ -36,11 +35,6 @@ GREEDY = GenerationParams(temperature=0.0, max_tokens=24)
 
 def ask(text: str) -> list[ChatMessage]:
     return [SYSTEM, ChatMessage("user", text)]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_model("smollm2-135m", tmp_path_factory.mktemp("models"), progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from openrealtime.backends.gguf import ensure_model
 from openrealtime.backends.llm import ChatMessage, Finished, GenerationParams, LLMError, TextDelta
 
 try:
@@ -57,11 +56,6 @@ def assert_own_continuations(outputs: list[str], alone: list[str], sentences: li
 
 def greedy(max_tokens: int = 14, key: str | None = None) -> GenerationParams:
     return GenerationParams(temperature=0.0, max_tokens=max_tokens, cache_key=key)
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_model("smollm2-135m", tmp_path_factory.mktemp("models"), progress=False)
 
 
 @pytest.fixture(scope="module")

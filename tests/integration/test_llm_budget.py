@@ -15,7 +15,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from openrealtime.backends.gguf import ensure_model
 from openrealtime.backends.llm import (
     ChatMessage,
     Finished,
@@ -54,11 +53,6 @@ BOOKING_MINIMAL = (TOOL_CALL_OPEN + CALL_PREFIX + 'book_table", "arguments": '
 
 def ask(text: str) -> list[ChatMessage]:
     return [ChatMessage("system", "You are a helpful assistant."), ChatMessage("user", text)]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_model("smollm2-135m", tmp_path_factory.mktemp("models"), progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,7 @@ from openrealtime.backends.tool_calling import (
     template_messages,
     template_supports_tools,
 )
-from openrealtime.backends.worker import busy_workers
+from openrealtime.backends.worker import busy_workers, speech_idle_s
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -119,6 +119,8 @@ DEFAULT_CACHE_CONTEXTS = 4
 _BATCH_THREADS_MIN_TOKENS = 32
 # A shared prefix (system prompt) at least this long is copied from another slot, not evaluated.
 _MIN_SHARED_PREFIX = 16
+# A batch generates on every core once no speech model has computed for this long (see _decode_parts).
+_SPEECH_QUIET_S = 1.0
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -969,15 +971,15 @@ class LlamaCppBackend:
         batch.n_tokens = i
         # Prompts (any step with a prompt part, or many tokens) use every core: they run while the
         # rest of the pipeline waits for the reply, right after STT finished, when a busy check
-        # would still see its last step and halve the speed. So does the generation of a lone
-        # request while no speech model
-        # computes (two spinning ggml threads with one core taken elsewhere collapse, see
-        # __init__). With several requests the speech of their calls keeps a core busy most of
-        # the time, and a step that collides with it stalls both: measured on 4 calls, 2 threads
-        # whenever speech was idle gave 8.3 s to first audio and a 9.4 s gap in one reply; 1 thread
-        # 7.0-7.3 s and gaps under 1 s.
+        # would still see its last step and halve the speed. Generation uses every core while no
+        # speech model computes (two spinning ggml threads with one core taken elsewhere collapse,
+        # see __init__): a lone request whenever speech is idle at that moment, a batch only after
+        # a second without speech (text sessions). With several calls their speech keeps a core
+        # busy most of the time, and a step that collides with it stalls both: bench/concurrency.py,
+        # 4 calls, qwen2.5-1.5b, quiet machine: 2 threads whenever speech was idle gave 8.3 s to
+        # first audio and a 9.4 s gap in one reply, 1 thread 7.0-7.3 s and gaps under 1 s.
         many = (i >= _BATCH_THREADS_MIN_TOKENS or any(req.op.prompt for req, _ in parts)
-                or (len(parts) == 1 and busy_workers() == 0))
+                or (busy_workers() == 0 if len(parts) == 1 else speech_idle_s() > _SPEECH_QUIET_S))
         threads = self.n_threads_batch if many else self.n_threads
         if self._threads != (threads, threads):
             self._native.set_n_threads(self._ctx, threads, threads)

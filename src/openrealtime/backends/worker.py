@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 # scheduler reads it to decide whether a generation step may use every core (see llamacpp.py).
 _busy = 0
 _busy_lock = threading.Lock()
+_last_step_at = float("-inf")  # monotonic time a step last started or ended
 
 
 def busy_workers() -> int:
@@ -35,10 +37,17 @@ def busy_workers() -> int:
     return _busy
 
 
+def speech_idle_s() -> float:
+    """Seconds since any speech worker last computed (0 while one does): no speech in the process
+    (text sessions only) reads as idle for ever."""
+    return 0.0 if _busy else time.monotonic() - _last_step_at
+
+
 def _count_busy(delta: int) -> None:
-    global _busy
+    global _busy, _last_step_at
     with _busy_lock:
         _busy += delta
+        _last_step_at = time.monotonic()
 
 Emit = Callable[[Any], None]
 

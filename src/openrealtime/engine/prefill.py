@@ -19,8 +19,9 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from ..backends.llm import ChatMessage, GenerationParams, ToolSpec
+from ..backends.llm import GenerationParams
 from ..protocol.items import ContentPart, Item
+from .response import prompt_messages, resolve, tool_specs
 
 if TYPE_CHECKING:
     from .session import RealtimeSession
@@ -35,8 +36,6 @@ class SpeculativePrefill:
         self.s = session
         self._task: asyncio.Task[None] | None = None
         self._evaluating = False  # the prefill's LLM request is under way
-        self.started = 0  # prefills begun, and those that ran to the end (for tests and logs)
-        self.completed = 0
 
     def start(self, transcript: asyncio.Task) -> None:
         """Prefill once the speculative transcript `transcript` (a Transcriber task) is ready."""
@@ -77,21 +76,16 @@ class SpeculativePrefill:
             llm = await s.ctx.resolve_llm(s.config.model)
             if not getattr(llm, "prefills", False):
                 return
-            from .response import items_to_messages, resolve  # response imports this module's users
-
             spec = resolve(s, None)
             user = Item(type="message", role="user", status="completed",
                         content=[ContentPart(type="input_audio", transcript=text)])
-            messages = [ChatMessage(role="system", content=spec.instructions)] if spec.instructions else []
-            messages += items_to_messages([*s.conversation, user])
-            tools = [ToolSpec(name=t.name, description=t.description, parameters=t.parameters) for t in spec.tools]
-            params = GenerationParams(max_tokens=0, tools=tools, tool_choice=spec.tool_choice, cache_key=s.id)
-            self.started += 1
+            messages = prompt_messages(spec.instructions, [*s.conversation, user])
+            params = GenerationParams(max_tokens=0, tools=tool_specs(spec.tools), tool_choice=spec.tool_choice,
+                                      cache_key=s.id)
             self._evaluating = True
             async with contextlib.aclosing(llm.stream(messages, params)) as stream:
                 async for _ in stream:
                     pass
-            self.completed += 1
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a hint only: the response does the real work and reports errors

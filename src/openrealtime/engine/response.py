@@ -148,6 +148,18 @@ def resolve_tool_choice(choice: Any, tools: list[Any], param: str) -> str:
     return choice.name
 
 
+def prompt_messages(instructions: str, items: Sequence[Item]) -> list[ChatMessage]:
+    """The chat a response's model reads: its instructions, then the conversation items. The
+    speculative prefill (engine/prefill.py) builds its prompt here too, so the two match token for token."""
+    messages = [ChatMessage(role="system", content=instructions)] if instructions else []
+    return messages + items_to_messages(list(items))
+
+
+def tool_specs(tools: list[Any]) -> list[ToolSpec]:
+    """The session's function tools as the LLM backends take them."""
+    return [ToolSpec(name=t.name, description=t.description, parameters=t.parameters) for t in tools]
+
+
 def items_to_messages(items: list[Item]) -> list[ChatMessage]:
     """How conversation items read to a chat model (chat-completions shape).
 
@@ -254,14 +266,10 @@ class ResponseRun:
         }
 
     def _messages(self, items: Sequence[Item]) -> list[ChatMessage]:
-        messages = []
-        if self.spec.instructions:
-            messages.append(ChatMessage(role="system", content=self.spec.instructions))
-        messages.extend(items_to_messages(list(items)))
-        return messages
+        return prompt_messages(self.spec.instructions, items)
 
     def _tools(self) -> list[ToolSpec]:
-        return [ToolSpec(name=t.name, description=t.description, parameters=t.parameters) for t in self.spec.tools]
+        return tool_specs(self.spec.tools)
 
     async def _prompt(self, llm: LLMBackend) -> list[ChatMessage]:
         """The prompt messages, truncated to fit the model's context (see engine/truncation.py)."""

@@ -6,8 +6,14 @@ Without Chromium or Playwright the tests skip locally and fail in CI, where they
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,3 +63,28 @@ def spoken_wav(path: Path, text: str, lead_ms: int, tail_ms: int = 3000) -> Path
     """`text` spoken with silence around it: PCM16 mono 48 kHz, what Chromium's fake mic reads."""
     pcm = silence(lead_ms, MIC_RATE) + speak(text, MIC_RATE) + silence(tail_ms, MIC_RATE)
     return write_wav(path, pcm, MIC_RATE)
+
+
+class _StaticHandler(http.server.SimpleHTTPRequestHandler):
+    """Quiet, and serves ES modules (`.mjs`) with a JavaScript type, as browsers require."""
+
+    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript"}
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def static_origin(directory: Path) -> Iterator[str]:
+    """`directory` served on its own origin (127.0.0.1, another port than the server's): the page is
+    cross-origin to the API, as a real web app is."""
+    handler = functools.partial(_StaticHandler, directory=str(directory))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, name="page-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)

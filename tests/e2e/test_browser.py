@@ -13,11 +13,8 @@ locally, and fails in CI, where it must run.
 from __future__ import annotations
 
 import contextlib
-import functools
-import http.server
 import json
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,7 @@ import httpx
 import pytest
 
 from ..audio_fixtures import speech_available
-from .chromium import fake_mic_args, require_chromium, spoken_wav
+from .chromium import fake_mic_args, require_chromium, spoken_wav, static_origin
 from .conftest import ARTIFACTS, Server, invalid_events
 
 pytestmark = [
@@ -64,24 +61,11 @@ def chromium() -> Path:
     return require_chromium()
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def page_origin() -> Iterator[str]:
     """The test page on its own origin: a tiny static server on 127.0.0.1, another port."""
-    handler = functools.partial(_QuietHandler, directory=str(PAGE_DIR))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, name="page-server", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
+    with static_origin(PAGE_DIR) as origin:
+        yield origin
 
 
 def words(text: str) -> set[str]:

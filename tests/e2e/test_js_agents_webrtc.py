@@ -12,11 +12,8 @@ received passes its own zod schemas (tests/e2e/js/validate.mjs) and openai-pytho
 from __future__ import annotations
 
 import contextlib
-import functools
-import http.server
 import json
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,7 @@ import httpx
 import pytest
 
 from ..audio_fixtures import speech_available
-from .chromium import fake_mic_args, require_chromium, spoken_wav
+from .chromium import fake_mic_args, require_chromium, spoken_wav, static_origin
 from .conftest import ARTIFACTS, Server, invalid_events
 from .js_sdk import js_sdk_dir
 from .test_browser import AUDIBLE_RMS, DONE, WAIT_S  # the same page-side wait and loudness bar
@@ -46,25 +43,11 @@ def js_dir() -> Path:
     return js_sdk_dir()
 
 
-class _StaticHandler(http.server.SimpleHTTPRequestHandler):
-    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript"}
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def page_origin(js_dir: Path) -> Iterator[str]:
     """tests/e2e/js (the page and the SDK's browser build) on its own origin: 127.0.0.1, another port."""
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_StaticHandler, directory=str(js_dir)))
-    thread = threading.Thread(target=httpd.serve_forever, name="js-page-server", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
+    with static_origin(js_dir) as origin:
+        yield origin
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ BIN    := $(VENV)/bin
 MODEL  ?= qwen2.5-1.5b
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
-# The tests run on the tiny SmolLM2 so that CI stays fast on 2 CPU cores.
-TEST_MODELS ?= smollm2-135m
+# Tests run on the tiny SmolLM2 (fast CI on 2 CPU cores); the tool-decision tests use the default 1.5B.
+TEST_MODELS ?= smollm2-135m qwen2.5-1.5b
 
 .PHONY: install serve test lint bench clean
 

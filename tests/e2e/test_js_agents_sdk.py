@@ -59,10 +59,12 @@ class DriverRun:
         return types.index(type_)
 
 
-def run_driver(js_dir: Path, server: Server, scenario: str, *extra: str) -> DriverRun:
+def run_driver(js_dir: Path, server: Server, scenario: str, *extra: str,
+               timeout_s: int = DRIVER_TIMEOUT_S) -> DriverRun:
     cmd = [node_path(), str(js_dir / "driver_ws.mjs"), "--url", f"{server.ws_url}/v1/realtime?model=gpt-realtime",
-           "--key", server.api_key, "--scenario", scenario, "--timeout-s", str(DRIVER_TIMEOUT_S), *extra]
-    proc = subprocess.run(cmd, cwd=js_dir, capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S + 60)
+           "--key", server.api_key, "--scenario", scenario, "--timeout-s", str(timeout_s), *extra]
+    # The driver ends itself timeout_s + 30 s in at the latest (its own deadline), with a summary.
+    proc = subprocess.run(cmd, cwd=js_dir, capture_output=True, text=True, timeout=timeout_s + 60)
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / f"js-agents-{scenario}.jsonl").write_text(proc.stdout + (f"\n# stderr\n{proc.stderr}"
                                                                           if proc.stderr else ""))

@@ -13,17 +13,24 @@ from hypothesis import strategies as st
 
 from openrealtime.backends.llm import ChatMessage, ToolCall, ToolSpec
 from openrealtime.backends.tool_calling import (
+    ANOTHER_CALL_THRESHOLD,
     MAX_DELTA_CHARS,
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
+    TOOL_RESULT_HINT,
+    TOOL_USE_RULE,
     CallScanner,
     GuidedDecoder,
+    answered_calls,
+    call_key,
+    call_probability,
     drive,
     generic_tools_prompt,
     minimal_value,
     parse_tool_calls,
     template_messages,
     template_supports_tools,
+    with_tool_rule,
 )
 
 from .fake_lm import FakeLM
@@ -311,13 +318,25 @@ def test_scanner_releases_text_that_is_not_a_call():
 
 
 @pytest.mark.parametrize("pieces", [['{"', "name", '":', ' "'], ["  ", "```json\n", '{\n  "name": "']])
-def test_scanner_takes_a_bare_json_call_at_the_start(pieces: list[str]):
+def test_scanner_takes_a_bare_json_call(pieces: list[str]):
     scanner = CallScanner()
     results = [scanner.push(p) for p in pieces]
     assert all(text == "" for text, _ in results)
     assert results[-1][1] == len(scanner.text) - len(scanner.text.lstrip())
+    # Later in the reply too (the text before it is shown), in a fence or with doubled braces.
     later = CallScanner()
-    assert later.push("Hi. ")[0] == "Hi. " and later.push('{"name": "')[1] is None
+    assert later.push("Hi. ")[0] == "Hi. " and later.push('{"name": "')[1] == 4
+    fenced = CallScanner()
+    out = [fenced.push(p) for p in ["Use this:\n", "``", "`json\n{", '{"name', '": "']]
+    assert "".join(t for t, _ in out) == "Use this:\n" and out[-1][1] == len("Use this:\n")
+
+
+def test_scanner_looks_for_calls_after_a_rejected_bare_opening():
+    scanner = CallScanner()
+    assert scanner.push('{"name": "')[1] == 0
+    assert scanner.reject_bare() == '{"name": "'
+    assert scanner.push('Bob"} and ')[0] == 'Bob"} and '
+    assert scanner.push('{"name": "')[1] == len('{"name": "Bob"} and ')
 
 
 # ---------------------------------------------------------------- prompts
@@ -340,7 +359,8 @@ def test_generic_prompt_rewrites_tools_calls_and_results():
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
     assert msgs[0]["content"].startswith("Be brief.\n\n# Tools") and '"name": "get_weather"' in msgs[0]["content"]
     assert msgs[2]["content"].count(TOOL_CALL_OPEN) == 2 and '{"city": "Lyon"}' in msgs[2]["content"]
-    assert msgs[3]["content"] == "<tool_response>\nsunny\n</tool_response>\n<tool_response>\nrainy\n</tool_response>"
+    assert msgs[3]["content"] == ("<tool_response>\nsunny\n</tool_response>\n<tool_response>\nrainy\n</tool_response>\n"
+                                  + TOOL_RESULT_HINT)
     # No system message: one is added for the tools; no tools: no section.
     msgs, _ = template_messages(CONVERSATION[1:2], TOOLS, native=False)
     assert msgs[0]["role"] == "system" and msgs[0]["content"] == generic_tools_prompt(TOOLS)
@@ -394,3 +414,79 @@ def test_bare_opening_must_name_a_tool():
     held = scanner.reject_bare()
     assert held.startswith('{"name": "') and not scanner.bare
     assert scanner.push('", "age": 3}') == ('", "age": 3}', None)
+
+
+# ---------------------------------------------------------------- deciding to call, repeats
+
+
+QWEN_STYLE = (
+    "<|im_start|>system\nBe brief.\n\n# Tools\n<tools>\n{...}\n</tools>\n\nFor each function call:\n"
+    '<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call><|im_end|>\n'
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+def test_tool_rule_closes_the_system_turn_and_the_call_format_has_single_braces():
+    fixed = with_tool_rule(QWEN_STYLE)
+    assert '{"name": <function-name>, "arguments": <args-json-object>}\n' in fixed and "{{" not in fixed
+    system = fixed.split("<|im_end|>")[0]
+    assert system.endswith("</tool_call>\n" + TOOL_USE_RULE)
+    assert with_tool_rule(fixed) == fixed
+    result = "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n"
+    assert with_tool_rule(result).endswith(f"</tool_response>\n{TOOL_RESULT_HINT}<|im_end|>\n")
+    assert with_tool_rule("<|im_start|>user\nHi<|im_end|>\n") == "<|im_start|>user\nHi<|im_end|>\n"
+    assert generic_tools_prompt(TOOLS).endswith(TOOL_USE_RULE)
+
+
+def test_call_key_ignores_key_order_and_spacing():
+    assert call_key("f", '{"a": 1, "b": "x"}') == call_key("f", '{"b":"x","a":1}')
+    assert call_key("f", '{"a": 1}') != call_key("g", '{"a": 1}')
+    assert call_key("f", "") == call_key("f", "{}")
+    assert call_key("f", "not json ") == ("f", "not json")
+
+
+def test_answered_calls_are_those_with_outputs_since_the_user_spoke():
+    paris = ToolCall("c1", "get_weather", '{"city": "Paris"}')
+    lyon = ToolCall("c2", "get_weather", '{"city": "Lyon"}')
+    history = [
+        ChatMessage("user", "Weather in Paris and Lyon?"),
+        ChatMessage("assistant", "", tool_calls=[paris, lyon]),
+        ChatMessage("tool", "sunny", tool_call_id="c1"),  # Lyon has no output yet
+    ]
+    assert answered_calls(history) == {call_key("get_weather", '{"city":"Paris"}')}
+    assert answered_calls([*history, ChatMessage("user", "And Rome?")]) == set()
+
+
+def test_call_start_tokens_cover_every_call_form():
+    lm = FakeLM()
+    starts = {lm.texts[t] for t in lm.vocab.call_start}
+    assert {"{", "`", "<", '{"', " {\"", "<tool_call>", " ", "\n\n"} <= starts
+    assert not starts & {"a", "Paris", "</tool_call>"[1:], '"', "}"}
+    logits = np.full(len(lm.vocab.pieces), -np.inf, dtype=np.float32)
+    logits[lm.tokenize("Paris")[0]] = 0.0
+    assert call_probability(logits, lm.vocab) == 0.0
+    logits[lm.tokenize('{"')[0]] = 0.0
+    assert call_probability(logits, lm.vocab) == pytest.approx(0.5)
+
+
+def _after_call(lm: FakeLM, p_more: float) -> bool:
+    """another_call with the model putting `p_more` on opening a call after the closing tag."""
+    other, opening = lm.tokenize("a")[0], lm.tokenize("{")[0]
+
+    def logits() -> np.ndarray:
+        out = np.full(len(lm.vocab.pieces), -np.inf, dtype=np.float32)
+        out[other] = np.log(1 - p_more)
+        out[opening] = np.log(p_more) if p_more > 0 else -np.inf
+        return out
+
+    lm.logits = logits  # type: ignore[method-assign]
+    guide = GuidedDecoder(lm, lm.vocab, lambda sub: int(np.argmax(sub)))
+    return drive(guide.another_call(lm.vocab.eog))
+
+
+def test_another_call_follows_only_when_the_model_opens_one():
+    assert not _after_call(FakeLM(), 0.0)
+    assert not _after_call(FakeLM(), ANOTHER_CALL_THRESHOLD / 2)
+    lm = FakeLM()
+    assert _after_call(lm, ANOTHER_CALL_THRESHOLD * 2)
+    assert lm.detok().endswith("}\n</tool_call>\n")  # the closing is evaluated; the marker is pending

@@ -84,10 +84,14 @@ from openrealtime.backends.tool_calling import (
     GuidedDecoder,
     Steps,
     TokenVocab,
+    answered_calls,
+    call_key,
+    call_probability,
     could_start_name,
     new_call_id,
     template_messages,
     template_supports_tools,
+    with_tool_rule,
 )
 from openrealtime.backends.worker import busy_workers, speech_idle_s
 
@@ -245,13 +249,14 @@ class ChatTemplate:
         """Render a conversation; errors become LLMError so the engine reports a failed response."""
         try:
             msgs, tool_var = template_messages(messages, tools or [], self.native_tools)
-            return self._template.render(
+            text = self._template.render(
                 messages=msgs,
                 tools=tool_var,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
             )
+            return with_tool_rule(text) if tool_var else text
         except LLMError:
             raise
         except Exception as exc:
@@ -294,6 +299,25 @@ def sample_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Ge
     probs = np.exp(scaled)
     probs /= probs.sum()
     return int(idx[rng.choice(len(idx), p=probs)])
+
+
+# Under tool_choice "auto" the reply opens a tool call when the model's first logits put at least
+# this probability on starting one (tool_calling.call_probability; any form: tag, JSON, code fence).
+# After a tool result the reply should answer from it, so another call needs more. Chosen on
+# bench/tool_cases.py with qwen2.5-1.5b (first-token probabilities; bench/tool_calls.py scores the
+# whole replies): requests needing a tool 0.33-0.90 (median 0.84), requests needing none 0.02-0.66
+# (median 0.37), follow-ups after a tool result < 0.01.
+CALL_THRESHOLD = 0.5
+CALL_THRESHOLD_AFTER_RESULT = 0.75
+
+
+def _masked(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """The logits with `tokens` ruled out."""
+    if not len(tokens):
+        return logits
+    out = logits.copy()
+    out[tokens] = -np.inf
+    return out
 
 
 def _offered_tools(params: GenerationParams) -> tuple[list[ToolSpec], str | None]:
@@ -727,7 +751,8 @@ class LlamaCppBackend:
                     unusable.append(tok)
                 elif native.token_is_control(self._model, tok):
                     unusable.append(tok)
-            self._vocab = TokenVocab(pieces, unusable=unusable, eog=eog)
+            marker = self._tokenize(TOOL_CALL_OPEN, add_bos=False)
+            self._vocab = TokenVocab(pieces, unusable=unusable, eog=eog, marker=marker if len(marker) == 1 else ())
             logger.debug("%s: token classes for guided decoding built in %.2fs", self.name, time.monotonic() - t0)
         return self._vocab
 
@@ -1164,18 +1189,80 @@ class LlamaCppBackend:
 
     def _free_text(self, req: _Request, cursor: _Cursor, rng: np.random.Generator,
                    tools: list[ToolSpec]) -> Steps[str]:
-        """Sample text; with tools offered, a ``<tool_call>`` in the output switches to guided calls."""
+        """The reply under tool_choice "auto": a call or text, decided on the first logits.
+
+        The model opens a call when it puts at least ``CALL_THRESHOLD`` on starting one in any form
+        (more after a tool result, when the reply should answer from it); the call is then written
+        in the canonical form, schema-guided. Otherwise the reply is text that cannot open with
+        call syntax, so JSON is never spoken; a ``<tool_call>`` later in it still becomes a call.
+        A call identical to one already answered since the user spoke is taken back and the reply
+        is text instead (no loops).
+        """
+        if not tools:
+            return (yield from self._text(req, cursor, rng, [], set()))
+        vocab = self.token_vocab()
+        answered = answered_calls(req.messages)
+        p_call = call_probability(req.next_logits(), vocab)
+        after_result = bool(req.messages) and req.messages[-1].role == "tool"
+        threshold = CALL_THRESHOLD_AFTER_RESULT if after_result else CALL_THRESHOLD
+        logger.debug("%s: call probability %.2f (threshold %.2f)", self.name, p_call, threshold)
+        if p_call >= threshold:
+            finish = yield from self._try_calls(req, cursor, rng, tools, TOOL_CALL_OPEN + CALL_PREFIX, answered)
+            if finish is not None:
+                return finish
+            tools = []  # it would have repeated an answered call: answer in words
+        return (yield from self._text(req, cursor, rng, tools, answered, plain_start=True))
+
+    def _try_calls(self, req: _Request, cursor: _Cursor, rng: np.random.Generator, tools: list[ToolSpec],
+                   opening: str, answered: set[tuple[str, str]]) -> Steps[str | None]:
+        """Guided calls from here on: the finish reason, or None when the first call repeats an
+        answered one (the cache, the logits and the budget are then back as they were)."""
+        slot = req.slot
+        assert slot is not None
+        pos, n0 = len(slot.tokens), cursor.n_gen
+        single = req.params.parallel_tool_calls is False
+        cut = yield from self._tool_calls(req, cursor, rng, tools, None, single=single, opening=opening,
+                                          answered=answered)
+        if cut is None:
+            yield from self._rewind(req, pos)
+            cursor.n_gen = n0
+            return None
+        return "length" if cut else "tool_calls"
+
+    def _rewind(self, req: _Request, pos: int) -> Steps[None]:
+        """Back to the slot's first `pos` tokens, with the logits after them (the last one is evaluated again)."""
+        slot = req.slot
+        assert slot is not None and 0 < pos <= len(slot.tokens)
+        last = slot.tokens[pos - 1]
+        self._rollback(slot, pos - 1)
+        yield from self._eval(req, [last])
+
+    def _text(self, req: _Request, cursor: _Cursor, rng: np.random.Generator, tools: list[ToolSpec],
+              answered: set[tuple[str, str]], plain_start: bool = False) -> Steps[str]:
+        """Sample text; with `tools`, a ``<tool_call>`` in the output switches to guided calls.
+
+        `plain_start`: the first token may not open call syntax. The reply never ends before it
+        says something (a small model may want to end a turn after a tool result at once).
+        """
         params, slot = req.params, req.slot
         assert slot is not None
+        vocab = self.token_vocab()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         scanner = CallScanner(TOOL_CALL_OPEN) if tools else None
         starts: list[tuple[int, int]] = []  # (offset in the reply, KV position) of each token
         max_new = cursor.max_new
+        first, spoke = True, False
         finish = "length"
         while cursor.n_gen < max_new:
             if self._stopped(req):
                 raise _Stop
-            token = sample_token(req.next_logits(), params, rng)
+            logits = req.next_logits()
+            if first and plain_start:
+                logits = _masked(logits, vocab.call_start)
+            if not spoke:
+                logits = _masked(logits, vocab.unusable)
+            first = False
+            token = sample_token(logits, params, rng)
             # End-of-generation tokens end the reply; so does any other control token (e.g. a
             # hallucinated <|im_start|> opening a new turn), which must never reach the client.
             if self._native.token_is_eog(self._model, token) or self._native.token_is_control(
@@ -1190,6 +1277,7 @@ class LlamaCppBackend:
                 starts.append((len(scanner.text), len(slot.tokens)))
                 text, opening = scanner.push(text)
             if text:
+                spoke = spoke or bool(text.strip())
                 req.emit(TextDelta(text))
             if cursor.n_gen < max_new:
                 yield from self._eval(req, [token])
@@ -1205,9 +1293,11 @@ class LlamaCppBackend:
                 offset, pos = next((o, p) for o, p in reversed(starts) if o <= opening)
                 self._rollback(slot, pos)
                 lead = scanner.text[offset:opening]
-                cut = yield from self._tool_calls(req, cursor, rng, tools, None, single=False,
-                                                  opening=lead + TOOL_CALL_OPEN + CALL_PREFIX)
-                return "length" if cut else "tool_calls"
+                finish_calls = yield from self._try_calls(req, cursor, rng, tools,
+                                                          lead + TOOL_CALL_OPEN + CALL_PREFIX, answered)
+                if finish_calls is not None:
+                    return finish_calls
+                scanner = None  # a repeated call: the reply goes on in words
         # An incomplete UTF-8 sequence left at a length cut is dropped rather than shown as U+FFFD.
         if scanner is not None and (held := scanner.flush()):
             req.emit(TextDelta(held))  # the start of a marker that never completed
@@ -1226,17 +1316,22 @@ class LlamaCppBackend:
         return bool(piece) and could_start_name(piece, names)
 
     def _tool_calls(self, req: _Request, cursor: _Cursor, rng: np.random.Generator, tools: list[ToolSpec],
-                    name: str | None, single: bool, opening: str) -> Steps[bool]:
+                    name: str | None, single: bool, opening: str,
+                    answered: set[tuple[str, str]] | None = None) -> Steps[bool | None]:
         """Guided ``<tool_call>`` blocks: one when forced (`single`), else as many as the model writes.
 
         `name`: the function to call (None: the model picks among `tools`). True when the budget
-        cut the first call short (or before it began): the response is incomplete.
+        cut the first call short (or before it began): the response is incomplete. None when the
+        first call is one of `answered` (nothing was emitted; the caller takes it back).
         """
         params = req.params
         vocab = self.token_vocab()
         guide = GuidedDecoder(cursor, vocab, lambda logits: sample_token(logits, params, rng))
         t0, n0 = time.monotonic(), cursor.n_gen
-        index, cut = yield from self._guided_calls(req, guide, tools, name, single, opening)
+        index, cut = yield from self._guided_calls(req, guide, tools, name, single, opening, answered or set())
+        if index < 0:
+            logger.debug("%s: took back a call that repeats an answered one", self.name)
+            return None
         elapsed = time.monotonic() - t0
         logger.debug("%s: %d guided tool call(s)%s, %d tokens (%d sampled, %d model calls, %d squeezed by the "
                      "budget) in %.2fs (%.1f tok/s)", self.name, index, " cut by the budget" if cut else "",
@@ -1245,15 +1340,18 @@ class LlamaCppBackend:
         return cut
 
     def _guided_calls(self, req: _Request, guide: GuidedDecoder, tools: list[ToolSpec], name: str | None,
-                      single: bool, opening: str) -> Steps[tuple[int, bool]]:
-        """The call loop of `_tool_calls`: (calls emitted, whether the first one was cut short)."""
+                      single: bool, opening: str, answered: set[tuple[str, str]]) -> Steps[tuple[int, bool]]:
+        """The call loop of `_tool_calls`: (calls emitted, whether the first one was cut short);
+        (-1, False) when the first call repeats one of `answered`."""
         vocab = guide.vocab
         index = 0
-        seen: set[tuple[str, str]] = set()
-        # The first call streams. Later ones are held until complete: small models tend to repeat a
-        # call, or start one more than the budget allows; those are dropped and the reply ends.
+        seen: set[tuple[str, str]] = set(answered)
+        # The first call streams, unless it could repeat an answered one. Later ones are held until
+        # complete: small models tend to repeat a call, or start one more than the budget allows;
+        # those are dropped and the reply ends.
         held: list[ToolCallDelta] = []
         current: dict[str, str] = {}
+        hold_first = any(n == (name or n) for n, _ in answered)
 
         def on_name(function: str) -> Callable[[str], None]:
             i = index
@@ -1261,7 +1359,7 @@ class LlamaCppBackend:
             current.update(name=function, args="")
 
             def out(delta: ToolCallDelta) -> None:
-                if i == 0:
+                if i == 0 and not hold_first:
                     req.emit(delta)
                 else:
                     held.append(delta)
@@ -1277,6 +1375,8 @@ class LlamaCppBackend:
             squeezes = guide.squeezes
             yield from guide.tool_call(tools, name, on_name, opening=opening)
             squeezed = guide.squeezes > squeezes  # the budget shortened this call
+            if index == 0 and call_key(current.get("name", ""), current.get("args", "")) in answered:
+                return -1, False
             more = False
             if not single and index + 1 < MAX_CALLS_PER_RESPONSE:
                 more = yield from guide.another_call(vocab.eog)  # commits this call's end first
@@ -1284,7 +1384,11 @@ class LlamaCppBackend:
                 guide.finish()  # the call's last text: counted and shown, never evaluated
             if index == 0 and (guide.truncated or not current):
                 return 0 if not current else 1, True
-            key = (current.get("name", ""), current.get("args", ""))
+            key = call_key(current.get("name", ""), current.get("args", ""))
+            if index == 0 and hold_first:
+                for delta in held:
+                    req.emit(delta)
+                held.clear()
             if index > 0:
                 if key in seen or guide.truncated or squeezed:
                     logger.debug("%s: dropped a repeated or budget-shortened extra tool call %s", self.name, key[0])

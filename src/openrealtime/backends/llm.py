@@ -56,6 +56,8 @@ class GenerationParams:
     tools: list[ToolSpec] = field(default_factory=list)
     # "auto" | "none" | "required" | the name of the one function that must be called.
     tool_choice: str = "auto"
+    # False: at most one call per response (the client's `parallel_tool_calls`); None: the default, several.
+    parallel_tool_calls: bool | None = None
     # The conversation this request continues (the engine's session id): backends that keep
     # per-conversation caches (llama.cpp slots) give its requests the same one. None: match by prefix.
     cache_key: str | None = None

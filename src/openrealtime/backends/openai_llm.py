@@ -120,7 +120,10 @@ def tools_to_openai(params: GenerationParams) -> dict[str, Any]:
     choice: Any = params.tool_choice or "auto"
     if choice not in ("auto", "none", "required"):
         choice = {"type": "function", "function": {"name": choice}}
-    return {"tools": tools, "tool_choice": choice}
+    fields: dict[str, Any] = {"tools": tools, "tool_choice": choice}
+    if params.parallel_tool_calls is not None:
+        fields["parallel_tool_calls"] = params.parallel_tool_calls
+    return fields
 
 
 class _CallMap:

@@ -91,6 +91,7 @@ class ResolvedResponse:
     tools: list[Any] = field(default_factory=list)
     # "auto" | "none" | "required" | the name of the function that must be called.
     tool_choice: str = "auto"
+    parallel_tool_calls: bool | None = None
 
 
 def resolve(session: RealtimeSession, cfg: ResponseConfig | None) -> ResolvedResponse:
@@ -130,6 +131,8 @@ def resolve(session: RealtimeSession, cfg: ResponseConfig | None) -> ResolvedRes
         input=items,
         tools=tools,
         tool_choice=tool_choice,
+        parallel_tool_calls=(cfg.parallel_tool_calls if cfg.parallel_tool_calls is not None
+                             else s.parallel_tool_calls),
     )
 
 
@@ -361,6 +364,7 @@ class ResponseRun:
                 max_tokens=None if max_tokens == "inf" else int(max_tokens),
                 tools=self._tools(),
                 tool_choice=self.spec.tool_choice,
+                parallel_tool_calls=self.spec.parallel_tool_calls,
                 # The session's cache slot serves its conversation; an out-of-band prompt (a
                 # custom `input`, conversation "none") must not overwrite it.
                 cache_key=self.session.id if self.spec.in_conversation and self.spec.input is None else None,

@@ -2,12 +2,14 @@
 // its WebSocket transport: a RealtimeSession with a RealtimeAgent, pointed at the server by URL.
 //
 //   node driver_ws.mjs --url ws://127.0.0.1:PORT/v1/realtime?model=gpt-realtime --key sk-...
-//                      --scenario text|voice|tool [--wav speech-24k.wav] [--timeout-s 90]
+//                      --scenario text|voice|tool|tool-auto [--wav speech-24k.wav] [--timeout-s 90]
 //
 // Scenarios: `text` (a typed question, a text answer), `voice` (PCM16 24 kHz speech from --wav
 // streamed through session.sendAudio in real time, then silence like an open mic; server VAD ends
 // the turn, it is transcribed and answered with audio), `tool` (a typed question with a forced
-// function tool; the SDK runs it, sends its output back and the model answers with audio).
+// function tool; the SDK runs it, sends its output back and the model answers with audio),
+// `tool-auto` (the question spoken from --wav like `voice`, a function tool and tool_choice left at
+// the server's default "auto": the model decides to call it, the SDK runs it, the answer is spoken).
 //
 // stdout, one JSON object per line:
 //   {"kind":"event", "t", "event", "zod"}   every raw server event the transport received
@@ -34,12 +36,12 @@ const { values: args } = parseArgs({
     'timeout-s': { type: 'string', default: '90' },
   },
 });
-if (!args.url || !args.key || !['text', 'voice', 'tool'].includes(args.scenario)) {
-  process.stderr.write('usage: driver_ws.mjs --url WS_URL --key KEY --scenario text|voice|tool [--wav FILE]\n');
+if (!args.url || !args.key || !['text', 'voice', 'tool', 'tool-auto'].includes(args.scenario)) {
+  process.stderr.write('usage: driver_ws.mjs --url WS_URL --key KEY --scenario text|voice|tool|tool-auto [--wav FILE]\n');
   process.exit(64);
 }
-if (args.scenario === 'voice' && !args.wav) {
-  process.stderr.write('--scenario voice needs --wav (PCM16 mono 24 kHz)\n');
+if ((args.scenario === 'voice' || args.scenario === 'tool-auto') && !args.wav) {
+  process.stderr.write(`--scenario ${args.scenario} needs --wav (PCM16 mono 24 kHz)\n`);
   process.exit(64);
 }
 
@@ -84,12 +86,27 @@ const getWeather = tool({
   },
 });
 
+// tool-auto: nothing forces the call and nothing changes the session; the result is distinctive.
+const getWeatherAuto = tool({
+  name: 'get_weather',
+  description: 'Get the current weather for a city.',
+  parameters: z.object({ city: z.string().describe('The city, e.g. Paris') }),
+  async execute({ city }) {
+    toolCalls.push({ city, t: Date.now() - started });
+    return `It is 23 degrees and sunny in ${city}.`;
+  },
+});
+
 const agent = new RealtimeAgent({
   name: 'Assistant',
   instructions: args.scenario === 'tool'
     ? 'You are a weather assistant. Use the get_weather tool, then say the weather in one short sentence.'
     : 'Answer in one short sentence.',
   tools: args.scenario === 'tool' ? [getWeather] : [],
+  ...(args.scenario === 'tool-auto' ? {
+    instructions: 'You are a weather assistant. Answer in one short sentence.',
+    tools: [getWeatherAuto],
+  } : {}),
 });
 
 const config = {
@@ -243,6 +260,22 @@ async function run() {
     await mic;
     // The SDK asks for the transcribed item (conversation.item.retrieve) to update its history.
     if (completed) await waitFor(() => seen('conversation.item.retrieved'), 5000);
+  } else if (args.scenario === 'tool-auto') {
+    const pcm = readWav(args.wav);
+    const outputAdded = () => events.findIndex((e) => e.type === 'conversation.item.added'
+      && e.item?.type === 'function_call_output');
+    // The answer to the function_call_output, or a response with no call (then nothing follows).
+    const answered = () => {
+      const index = outputAdded();
+      if (index >= 0) return events.slice(index).some((e) => e.type === 'response.done');
+      return seen('response.done', (e) => !(e.response?.output ?? []).some((o) => o.type === 'function_call'));
+    };
+    let micOff = false;
+    const mic = streamLikeAMic(pcm, () => micOff || finished || answered());
+    completed = await waitFor(() => answered() || count('response.done') >= 4 || responseFailed(), timeoutMs)
+      && !responseFailed();
+    micOff = true;
+    await mic;
   } else {
     session.sendMessage(args.question ?? QUESTIONS.tool);
     // The forced call, the SDK's function_call_output, then the answer to it.

@@ -1,6 +1,7 @@
 """Deciding to call under tool_choice "auto", on the default model (Qwen2.5-1.5B).
 
-Requests that need a tool get a call, the others a spoken answer with no call syntax; two requests
+Requests that need a tool get a call, the others a spoken answer with no call syntax (a call the
+model invents is taken back); two requests
 get two calls (one with parallel_tool_calls false); after a tool result the reply answers from it
 and never repeats the answered call. Seeded, so a run is reproducible.
 """
@@ -36,7 +37,12 @@ CONVERT = ToolSpec("convert_units", "Convert a quantity from one unit to another
     "type": "object", "properties": {"value": {"type": "number"}, "from_unit": {"type": "string"},
                                      "to_unit": {"type": "string"}},
     "required": ["value", "from_unit", "to_unit"]})
-TOOLS = [WEATHER, ORDER, CONVERT]
+CALENDAR = ToolSpec("create_calendar_event", "Add an event to the user's calendar.", {
+    "type": "object", "properties": {"title": {"type": "string"}, "date": {"type": "string"},
+                                     "time": {"type": "string"}}, "required": ["title", "date", "time"]})
+SEARCH = ToolSpec("web_search", "Search the web for current information, news, prices or facts you do not know.", {
+    "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]})
+TOOLS = [WEATHER, CALENDAR, SEARCH, ORDER, CONVERT]
 SYSTEM = ChatMessage("system", Settings().default_instructions)
 CALL_SYNTAX = ("{", "}", "<tool_call>", "```", "get_weather", "lookup_order", "convert_units")
 
@@ -81,8 +87,10 @@ async def test_a_request_a_tool_serves_gets_a_call(qwen: LlamaCppBackend, reques
     assert len(calls) == 1 and calls[0][0] == name and word in json.dumps(calls[0][1]).lower(), calls
 
 
+# "ephemeral" leads the model to invent a call (lookup_order "12345": it fails without the check),
+# which is taken back: its values come from nowhere in the conversation.
 @pytest.mark.parametrize("request_", ["Tell me a short joke.", "What is the capital of Italy?",
-                                      "Hello! How are you today?"])
+                                      "Hello! How are you today?", "What does the word 'ephemeral' mean?"])
 async def test_a_request_no_tool_serves_gets_words(qwen: LlamaCppBackend, request_: str):
     text, calls, finish = await reply(qwen, [ChatMessage("user", request_)])
     assert calls == [] and finish == "stop" and text.strip(), (text, calls)

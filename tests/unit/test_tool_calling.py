@@ -26,6 +26,7 @@ from openrealtime.backends.tool_calling import (
     call_probability,
     drive,
     generic_tools_prompt,
+    grounded,
     minimal_value,
     parse_tool_calls,
     template_messages,
@@ -490,3 +491,16 @@ def test_another_call_follows_only_when_the_model_opens_one():
     lm = FakeLM()
     assert _after_call(lm, ANOTHER_CALL_THRESHOLD * 2)
     assert lm.detok().endswith("}\n</tool_call>\n")  # the closing is evaluated; the marker is pending
+
+
+def test_a_call_is_grounded_when_a_value_comes_from_the_conversation():
+    said = ["You are a helpful voice assistant.", "Is it raining in Tokyo right now?"]
+    assert grounded('{"city": "Tokyo", "unit": "celsius"}', said)
+    assert not grounded('{"city": "Rome", "unit": "celsius"}', said)  # the enum alone grounds nothing
+    assert grounded('{"value": 150.0, "from_unit": "lb"}', ["How many kilograms is 150 pounds?"])
+    assert grounded('{"title": "Gym sessions"}', ["my gym session next Monday"])  # crude stems
+    assert not grounded('{"order_id": "12345"}', ["What does the word 'ephemeral' mean?"])
+    assert grounded('{"order_id": "48213"}', ["Where is my order?", '{"last_order": "48213"}'])  # a tool result
+    # Nothing to check: no values, only booleans, or not JSON.
+    assert grounded("{}", said) and grounded('{"precise": true}', said) and grounded("{oops", said)
+    assert not grounded('{"query": "the weather"}', ["what is the time and the date"])  # common words do not count

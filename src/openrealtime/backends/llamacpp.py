@@ -88,6 +88,7 @@ from openrealtime.backends.tool_calling import (
     call_key,
     call_probability,
     could_start_name,
+    grounded,
     new_call_id,
     template_messages,
     template_supports_tools,
@@ -1196,7 +1197,8 @@ class LlamaCppBackend:
         in the canonical form, schema-guided. Otherwise the reply is text that cannot open with
         call syntax, so JSON is never spoken; a ``<tool_call>`` later in it still becomes a call.
         A call identical to one already answered since the user spoke is taken back and the reply
-        is text instead (no loops).
+        is text instead (no loops); so is a call none of whose values comes from the conversation
+        (``tool_calling.grounded``: an invented order number).
         """
         if not tools:
             return (yield from self._text(req, cursor, rng, [], set()))
@@ -1210,19 +1212,23 @@ class LlamaCppBackend:
             finish = yield from self._try_calls(req, cursor, rng, tools, TOOL_CALL_OPEN + CALL_PREFIX, answered)
             if finish is not None:
                 return finish
-            tools = []  # it would have repeated an answered call: answer in words
+            # It would have repeated an answered call, or invented one: answer in words, and with
+            # no machine text at all (the model still wants a call and would write it out).
+            return (yield from self._text(req, cursor, rng, [], answered, plain_start=True, no_syntax=True))
         return (yield from self._text(req, cursor, rng, tools, answered, plain_start=True))
 
     def _try_calls(self, req: _Request, cursor: _Cursor, rng: np.random.Generator, tools: list[ToolSpec],
                    opening: str, answered: set[tuple[str, str]]) -> Steps[str | None]:
         """Guided calls from here on: the finish reason, or None when the first call repeats an
-        answered one (the cache, the logits and the budget are then back as they were)."""
+        answered one or is not grounded in the conversation (the cache, the logits and the budget
+        are then back as they were)."""
         slot = req.slot
         assert slot is not None
         pos, n0 = len(slot.tokens), cursor.n_gen
         single = req.params.parallel_tool_calls is False
+        sources = [m.content for m in req.messages if m.content]
         cut = yield from self._tool_calls(req, cursor, rng, tools, None, single=single, opening=opening,
-                                          answered=answered)
+                                          answered=answered, sources=sources)
         if cut is None:
             yield from self._rewind(req, pos)
             cursor.n_gen = n0
@@ -1238,11 +1244,12 @@ class LlamaCppBackend:
         yield from self._eval(req, [last])
 
     def _text(self, req: _Request, cursor: _Cursor, rng: np.random.Generator, tools: list[ToolSpec],
-              answered: set[tuple[str, str]], plain_start: bool = False) -> Steps[str]:
+              answered: set[tuple[str, str]], plain_start: bool = False, no_syntax: bool = False) -> Steps[str]:
         """Sample text; with `tools`, a ``<tool_call>`` in the output switches to guided calls.
 
-        `plain_start`: the first token may not open call syntax. The reply never ends before it
-        says something (a small model may want to end a turn after a tool result at once).
+        `plain_start`: the first token may not open call syntax; `no_syntax`: no token may (after a
+        call was taken back). The reply never ends before it says something (a small model may want
+        to end a turn after a tool result at once).
         """
         params, slot = req.params, req.slot
         assert slot is not None
@@ -1257,7 +1264,9 @@ class LlamaCppBackend:
             if self._stopped(req):
                 raise _Stop
             logits = req.next_logits()
-            if first and plain_start:
+            if no_syntax:
+                logits = _masked(logits, vocab.call_start if first else vocab.syntax_start)
+            elif first and plain_start:
                 logits = _masked(logits, vocab.call_start)
             if not spoke:
                 logits = _masked(logits, vocab.unusable)
@@ -1297,7 +1306,7 @@ class LlamaCppBackend:
                                                           lead + TOOL_CALL_OPEN + CALL_PREFIX, answered)
                 if finish_calls is not None:
                     return finish_calls
-                scanner = None  # a repeated call: the reply goes on in words
+                scanner, no_syntax = None, True  # a repeated or invented call: the reply goes on in words
         # An incomplete UTF-8 sequence left at a length cut is dropped rather than shown as U+FFFD.
         if scanner is not None and (held := scanner.flush()):
             req.emit(TextDelta(held))  # the start of a marker that never completed
@@ -1317,20 +1326,23 @@ class LlamaCppBackend:
 
     def _tool_calls(self, req: _Request, cursor: _Cursor, rng: np.random.Generator, tools: list[ToolSpec],
                     name: str | None, single: bool, opening: str,
-                    answered: set[tuple[str, str]] | None = None) -> Steps[bool | None]:
+                    answered: set[tuple[str, str]] | None = None,
+                    sources: list[str] | None = None) -> Steps[bool | None]:
         """Guided ``<tool_call>`` blocks: one when forced (`single`), else as many as the model writes.
 
         `name`: the function to call (None: the model picks among `tools`). True when the budget
         cut the first call short (or before it began): the response is incomplete. None when the
-        first call is one of `answered` (nothing was emitted; the caller takes it back).
+        first call is one of `answered`, or (with `sources`) not `grounded` in them: nothing was
+        emitted, the caller takes it back.
         """
         params = req.params
         vocab = self.token_vocab()
         guide = GuidedDecoder(cursor, vocab, lambda logits: sample_token(logits, params, rng))
         t0, n0 = time.monotonic(), cursor.n_gen
-        index, cut = yield from self._guided_calls(req, guide, tools, name, single, opening, answered or set())
+        index, cut = yield from self._guided_calls(req, guide, tools, name, single, opening, answered or set(),
+                                                   sources)
         if index < 0:
-            logger.debug("%s: took back a call that repeats an answered one", self.name)
+            logger.debug("%s: took back a call that repeats an answered one or invents its values", self.name)
             return None
         elapsed = time.monotonic() - t0
         logger.debug("%s: %d guided tool call(s)%s, %d tokens (%d sampled, %d model calls, %d squeezed by the "
@@ -1340,18 +1352,22 @@ class LlamaCppBackend:
         return cut
 
     def _guided_calls(self, req: _Request, guide: GuidedDecoder, tools: list[ToolSpec], name: str | None,
-                      single: bool, opening: str, answered: set[tuple[str, str]]) -> Steps[tuple[int, bool]]:
+                      single: bool, opening: str, answered: set[tuple[str, str]],
+                      sources: list[str] | None) -> Steps[tuple[int, bool]]:
         """The call loop of `_tool_calls`: (calls emitted, whether the first one was cut short);
-        (-1, False) when the first call repeats one of `answered`."""
+        (-1, False) when the first call repeats one of `answered` or is not grounded in `sources`."""
         vocab = guide.vocab
         index = 0
         seen: set[tuple[str, str]] = set(answered)
-        # The first call streams, unless it could repeat an answered one. Later ones are held until
-        # complete: small models tend to repeat a call, or start one more than the budget allows;
-        # those are dropped and the reply ends.
+        # The first call streams, unless it is to be checked (could repeat an answered one, could be
+        # invented). Later ones are held until complete: small models tend to repeat a call, invent
+        # one, or start one more than the budget allows; those are dropped and the reply ends.
         held: list[ToolCallDelta] = []
         current: dict[str, str] = {}
-        hold_first = any(n == (name or n) for n, _ in answered)
+        hold_first = sources is not None or any(n == (name or n) for n, _ in answered)
+
+        def invented() -> bool:
+            return sources is not None and not grounded(current.get("args", ""), sources)
 
         def on_name(function: str) -> Callable[[str], None]:
             i = index
@@ -1375,13 +1391,15 @@ class LlamaCppBackend:
             squeezes = guide.squeezes
             yield from guide.tool_call(tools, name, on_name, opening=opening)
             squeezed = guide.squeezes > squeezes  # the budget shortened this call
-            if index == 0 and call_key(current.get("name", ""), current.get("args", "")) in answered:
-                return -1, False
             more = False
             if not single and index + 1 < MAX_CALLS_PER_RESPONSE:
                 more = yield from guide.another_call(vocab.eog)  # commits this call's end first
             if not more:
                 guide.finish()  # the call's last text: counted and shown, never evaluated
+            # The arguments are complete only now (their last piece is shown when committed).
+            if index == 0 and (call_key(current.get("name", ""), current.get("args", "")) in answered
+                               or invented()):
+                return -1, False
             if index == 0 and (guide.truncated or not current):
                 return 0 if not current else 1, True
             key = call_key(current.get("name", ""), current.get("args", ""))
@@ -1390,7 +1408,7 @@ class LlamaCppBackend:
                     req.emit(delta)
                 held.clear()
             if index > 0:
-                if key in seen or guide.truncated or squeezed:
+                if key in seen or guide.truncated or squeezed or invented():
                     logger.debug("%s: dropped a repeated or budget-shortened extra tool call %s", self.name, key[0])
                     break
                 for delta in held:

@@ -420,9 +420,10 @@ class TokenVocab:
         self.unusable = np.flatnonzero(bad).astype(np.int64)  # control and end-of-generation tokens
         # Tokens a reply's first token may not be when it is to be text: what opens a call in one of
         # the forms small models write (a tag, JSON, a code fence) and bare whitespace before one.
-        self.call_start = ids(sorted({t for t, x in enumerate(self.text)
-                                      if x is not None and (not x.strip() or x.lstrip()[0] in "{`<")}
-                                     | set(marker)))  # marker: a <tool_call> special token
+        syntax = {t for t, x in enumerate(self.text) if x is not None and x.strip() and x.lstrip()[0] in "{`<"}
+        syntax |= set(marker)  # marker: a <tool_call> special token
+        self.syntax_start = ids(sorted(syntax))  # tokens that start machine text: JSON, a fence, a tag
+        self.call_start = ids(sorted(syntax | {t for t, x in enumerate(self.text) if x is not None and not x.strip()}))
         self.string_or_quote = np.concatenate([self.string_safe, self.quote])
         self._quote_set = frozenset(quote)
         self._terminator_set = frozenset(terminator)
@@ -466,6 +467,48 @@ def answered_calls(messages: Sequence[ChatMessage]) -> set[tuple[str, str]]:
         elif m.role == "assistant" and m.tool_calls:
             answered.update(call_key(c.name, c.arguments) for c in m.tool_calls if c.id in outputs)
     return answered
+
+
+_WORD = re.compile(r"[^\W_]+")
+_COMMON = frozenset("the and for you are with what this that from your have was can how not all but "
+                    "please tell know".split())
+
+
+def _words(text: str) -> set[str]:
+    """Lower-case words of 3+ letters (cut to 5, a crude stem) and all numbers, common words left out."""
+    out = set()
+    for w in _WORD.findall(text.lower()):
+        if w.isdigit():
+            out.add(w.lstrip("0") or "0")
+        elif len(w) >= 3 and w not in _COMMON:
+            out.add(w[:5])
+    return out
+
+
+def _value_words(value: Any) -> set[str]:
+    if isinstance(value, bool) or value is None:
+        return set()
+    if isinstance(value, int | float):
+        return _words(str(int(value)) if float(value).is_integer() else str(value))
+    if isinstance(value, str):
+        return _words(value)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return set().union(*(_value_words(v) for v in items)) if items else set()
+
+
+def grounded(arguments: str, sources: Iterable[str]) -> bool:
+    """Whether a call takes something from the conversation: one of its string or number values
+    shares a word with `sources` (what was said, tool results, the instructions). Small models
+    fill a call they should not make with invented values (order "12345" for "what does ephemeral
+    mean?", the weather in Rome for "what is the capital of Italy?"). A call with no such value,
+    or arguments that are not JSON, passes."""
+    try:
+        words = _value_words(json.loads(arguments) if arguments.strip() else {})
+    except ValueError:
+        return True
+    if not words:
+        return True
+    return any(words & _words(text) for text in sources)
 
 
 # --------------------------------------------------------------------------- guided decoding

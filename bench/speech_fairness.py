@@ -16,7 +16,7 @@ Reports wall time, per-request latency (and first chunk for TTS), and CPU second
 ``--busy`` keeps one core spinning in another process meanwhile, like the LLM generating (one
 thread), and reports ``llm_share``: the spinner's speed during the concurrent requests relative
 to its speed alone (1.0: the speech work cost it nothing).
-Prints one line per case and appends JSON lines to bench/results/speech_fairness.jsonl.
+Prints one table (a row per case) and appends JSON lines to bench/results/speech_fairness.jsonl.
 """
 
 from __future__ import annotations
@@ -240,6 +240,16 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
             spinner.stop()
 
 
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """One table: a row per case, a column per field any case reports ("-" where it has none)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[str(row.get(c, "-")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("case", choices=["tts", "stt", "stt-pool", "tts-pool"])
@@ -255,9 +265,10 @@ if __name__ == "__main__":
     args = parser.parse_args()
     rows = asyncio.run(main(args))
     results = ROOT / "bench" / "results" / "speech_fairness.jsonl"
+    summaries = []
     with results.open("a", encoding="utf-8") as fh:
         for row in rows:
             row.update(label=args.label, busy=args.busy, load=round(os.getloadavg()[0], 2))
-            summary = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "runs"}
-            print(json.dumps(summary))
+            summaries.append({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "runs"})
             fh.write(json.dumps(row) + "\n")
+    print_table(summaries)

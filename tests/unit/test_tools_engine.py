@@ -135,15 +135,16 @@ async def test_tool_only_response_events_and_follow_up():
     await send(s, {"type": "conversation.item.create", "item": {
         "type": "function_call_output", "call_id": "call_get_weather_0", "output": '{"temp_c": 23}'}})
     await drain(s)
-    await send(s, {"type": "response.create", "response": {"tool_choice": "auto"}})
+    await send(s, {"type": "response.create", "response": {"tool_choice": "auto", "parallel_tool_calls": False}})
     events = await drain(s, "response.done")
     assert events[-1]["response"]["output"][0]["content"][0]["text"] == "It is 23 degrees."
     prompt = llm.prompts[1]
     assert [m.role for m in prompt] == ["system", "user", "assistant", "tool"]
     assert prompt[2].tool_calls[0].id == "call_get_weather_0" and prompt[2].tool_calls[0].arguments == args
     assert (prompt[3].tool_call_id, prompt[3].content) == ("call_get_weather_0", '{"temp_c": 23}')
-    # Per-response tool_choice applied to that response only.
-    assert llm.params[1].tool_choice == "auto"
+    # Per-response tool_choice and parallel_tool_calls applied to that response only.
+    assert llm.params[1].tool_choice == "auto" and llm.params[1].parallel_tool_calls is False
+    assert llm.params[0].parallel_tool_calls is None
     await s.close()
 
 

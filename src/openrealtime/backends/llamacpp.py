@@ -305,9 +305,10 @@ def sample_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Ge
 # Under tool_choice "auto" the reply opens a tool call when the model's first logits put at least
 # this probability on starting one (tool_calling.call_probability; any form: tag, JSON, code fence).
 # After a tool result the reply should answer from it, so another call needs more. Chosen on
-# bench/tool_cases.py with qwen2.5-1.5b (first-token probabilities; bench/tool_calls.py scores the
-# whole replies): requests needing a tool 0.33-0.90 (median 0.84), requests needing none 0.02-0.66
-# (median 0.37), follow-ups after a tool result < 0.01.
+# bench/tool_cases.py with qwen2.5-1.5b, quiet machine (first-token probabilities read by a one-off
+# probe script, not kept; bench/tool_calls.py scores the whole replies): requests needing a tool
+# 0.33-0.90 (median 0.84), requests needing none 0.02-0.66 (median 0.37), follow-ups after a tool
+# result < 0.01.
 CALL_THRESHOLD = 0.5
 CALL_THRESHOLD_AFTER_RESULT = 0.75
 
@@ -421,7 +422,7 @@ class _Request:
     steps: Iterator[_Eval] | None = None  # the generation, once it has a slot
     op: _Eval | None = None  # what it waits to have evaluated
     logits: np.ndarray | None = None  # after its last evaluation
-    started: bool = False  # evaluated at least once (its queue wait is recorded)
+    started: float | None = None  # when its first evaluation began (its queue wait is recorded then)
     served: float = 0.0  # when its last evaluation completed: the oldest go first in a full step
     finished: bool = False
 
@@ -963,8 +964,8 @@ class LlamaCppBackend:
         for req, take in parts:
             op, slot = req.op, req.slot
             row += take
-            if not req.started:
-                req.started = True
+            if req.started is None:
+                req.started = t0
                 self._m_wait.observe(t0 - req.arrived)
             slot.tokens.extend(op.tokens[op.done:op.done + take])
             op.done += take
@@ -1142,7 +1143,6 @@ class LlamaCppBackend:
     def _generate(self, req: _Request) -> Steps[bool]:
         """Run one request in its slot (counted in `stats` as completed); False if the consumer went
         away first."""
-        t0 = req.arrived
         params, tokens, tools, forced, slot = req.params, req.prompt or [], req.tools, req.forced, req.slot
         assert slot is not None
         n_prompt, n_ctx = len(tokens), self.context_length
@@ -1185,7 +1185,7 @@ class LlamaCppBackend:
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, cached_tokens=cached_tokens)
         self.stats["completed"] += 1  # before the consumer can see the end
         req.emit(Finished(finish_reason=finish, usage=usage))  # type: ignore[arg-type]
-        self._log_request(n_prompt, cached_tokens, n_gen, finish, t0, t_prompt)
+        self._log_request(req, n_prompt, cached_tokens, n_gen, finish, t_prompt)
         return True
 
     def _free_text(self, req: _Request, cursor: _Cursor, rng: np.random.Generator,
@@ -1201,24 +1201,23 @@ class LlamaCppBackend:
         (``tool_calling.grounded``: an invented order number).
         """
         if not tools:
-            return (yield from self._text(req, cursor, rng, [], set()))
+            return (yield from self._text(req, cursor, rng, []))
         vocab = self.token_vocab()
-        answered = answered_calls(req.messages)
         p_call = call_probability(req.next_logits(), vocab)
         after_result = bool(req.messages) and req.messages[-1].role == "tool"
         threshold = CALL_THRESHOLD_AFTER_RESULT if after_result else CALL_THRESHOLD
         logger.debug("%s: call probability %.2f (threshold %.2f)", self.name, p_call, threshold)
         if p_call >= threshold:
-            finish = yield from self._try_calls(req, cursor, rng, tools, TOOL_CALL_OPEN + CALL_PREFIX, answered)
+            finish = yield from self._try_calls(req, cursor, rng, tools, TOOL_CALL_OPEN + CALL_PREFIX)
             if finish is not None:
                 return finish
             # It would have repeated an answered call, or invented one: answer in words, and with
             # no machine text at all (the model still wants a call and would write it out).
-            return (yield from self._text(req, cursor, rng, [], answered, plain_start=True, no_syntax=True))
-        return (yield from self._text(req, cursor, rng, tools, answered, plain_start=True))
+            return (yield from self._text(req, cursor, rng, [], plain_start=True, no_syntax=True))
+        return (yield from self._text(req, cursor, rng, tools, plain_start=True))
 
     def _try_calls(self, req: _Request, cursor: _Cursor, rng: np.random.Generator, tools: list[ToolSpec],
-                   opening: str, answered: set[tuple[str, str]]) -> Steps[str | None]:
+                   opening: str) -> Steps[str | None]:
         """Guided calls from here on: the finish reason, or None when the first call repeats an
         answered one or is not grounded in the conversation (the cache, the logits and the budget
         are then back as they were)."""
@@ -1226,9 +1225,14 @@ class LlamaCppBackend:
         assert slot is not None
         pos, n0 = len(slot.tokens), cursor.n_gen
         single = req.params.parallel_tool_calls is False
-        sources = [m.content for m in req.messages if m.content]
+        answered = answered_calls(req.messages)
+        said = [m.content for m in req.messages if m.content]
+
+        def reject(name: str, arguments: str) -> bool:
+            return call_key(name, arguments) in answered or not grounded(arguments, said)
+
         cut = yield from self._tool_calls(req, cursor, rng, tools, None, single=single, opening=opening,
-                                          answered=answered, sources=sources)
+                                          reject=reject)
         if cut is None:
             yield from self._rewind(req, pos)
             cursor.n_gen = n0
@@ -1244,7 +1248,7 @@ class LlamaCppBackend:
         yield from self._eval(req, [last])
 
     def _text(self, req: _Request, cursor: _Cursor, rng: np.random.Generator, tools: list[ToolSpec],
-              answered: set[tuple[str, str]], plain_start: bool = False, no_syntax: bool = False) -> Steps[str]:
+              plain_start: bool = False, no_syntax: bool = False) -> Steps[str]:
         """Sample text; with `tools`, a ``<tool_call>`` in the output switches to guided calls.
 
         `plain_start`: the first token may not open call syntax; `no_syntax`: no token may (after a
@@ -1303,7 +1307,7 @@ class LlamaCppBackend:
                 self._rollback(slot, pos)
                 lead = scanner.text[offset:opening]
                 finish_calls = yield from self._try_calls(req, cursor, rng, tools,
-                                                          lead + TOOL_CALL_OPEN + CALL_PREFIX, answered)
+                                                          lead + TOOL_CALL_OPEN + CALL_PREFIX)
                 if finish_calls is not None:
                     return finish_calls
                 scanner, no_syntax = None, True  # a repeated or invented call: the reply goes on in words
@@ -1326,21 +1330,19 @@ class LlamaCppBackend:
 
     def _tool_calls(self, req: _Request, cursor: _Cursor, rng: np.random.Generator, tools: list[ToolSpec],
                     name: str | None, single: bool, opening: str,
-                    answered: set[tuple[str, str]] | None = None,
-                    sources: list[str] | None = None) -> Steps[bool | None]:
+                    reject: Callable[[str, str], bool] | None = None) -> Steps[bool | None]:
         """Guided ``<tool_call>`` blocks: one when forced (`single`), else as many as the model writes.
 
         `name`: the function to call (None: the model picks among `tools`). True when the budget
         cut the first call short (or before it began): the response is incomplete. None when the
-        first call is one of `answered`, or (with `sources`) not `grounded` in them: nothing was
-        emitted, the caller takes it back.
+        first call is one `reject`(name, arguments) refuses: nothing was emitted, the caller takes
+        it back (later ones it refuses are dropped).
         """
         params = req.params
         vocab = self.token_vocab()
         guide = GuidedDecoder(cursor, vocab, lambda logits: sample_token(logits, params, rng))
         t0, n0 = time.monotonic(), cursor.n_gen
-        index, cut = yield from self._guided_calls(req, guide, tools, name, single, opening, answered or set(),
-                                                   sources)
+        index, cut = yield from self._guided_calls(req, guide, tools, name, single, opening, reject)
         if index < 0:
             logger.debug("%s: took back a call that repeats an answered one or invents its values", self.name)
             return None
@@ -1352,22 +1354,22 @@ class LlamaCppBackend:
         return cut
 
     def _guided_calls(self, req: _Request, guide: GuidedDecoder, tools: list[ToolSpec], name: str | None,
-                      single: bool, opening: str, answered: set[tuple[str, str]],
-                      sources: list[str] | None) -> Steps[tuple[int, bool]]:
+                      single: bool, opening: str,
+                      reject: Callable[[str, str], bool] | None) -> Steps[tuple[int, bool]]:
         """The call loop of `_tool_calls`: (calls emitted, whether the first one was cut short);
-        (-1, False) when the first call repeats one of `answered` or is not grounded in `sources`."""
+        (-1, False) when `reject` refuses the first call."""
         vocab = guide.vocab
         index = 0
-        seen: set[tuple[str, str]] = set(answered)
-        # The first call streams, unless it is to be checked (could repeat an answered one, could be
-        # invented). Later ones are held until complete: small models tend to repeat a call, invent
-        # one, or start one more than the budget allows; those are dropped and the reply ends.
+        seen: set[tuple[str, str]] = set()
+        # The first call streams, unless `reject` is to check it. Later ones are held until
+        # complete: small models tend to repeat a call, invent one, or start one more than the
+        # budget allows; those are dropped and the reply ends.
         held: list[ToolCallDelta] = []
         current: dict[str, str] = {}
-        hold_first = sources is not None or any(n == (name or n) for n, _ in answered)
+        hold_first = reject is not None
 
-        def invented() -> bool:
-            return sources is not None and not grounded(current.get("args", ""), sources)
+        def rejected() -> bool:
+            return reject is not None and reject(current.get("name", ""), current.get("args", ""))
 
         def on_name(function: str) -> Callable[[str], None]:
             i = index
@@ -1397,8 +1399,7 @@ class LlamaCppBackend:
             if not more:
                 guide.finish()  # the call's last text: counted and shown, never evaluated
             # The arguments are complete only now (their last piece is shown when committed).
-            if index == 0 and (call_key(current.get("name", ""), current.get("args", "")) in answered
-                               or invented()):
+            if index == 0 and rejected():
                 return -1, False
             if index == 0 and (guide.truncated or not current):
                 return 0 if not current else 1, True
@@ -1408,7 +1409,7 @@ class LlamaCppBackend:
                     req.emit(delta)
                 held.clear()
             if index > 0:
-                if key in seen or guide.truncated or squeezed or invented():
+                if key in seen or guide.truncated or squeezed or rejected():
                     logger.debug("%s: dropped a repeated or budget-shortened extra tool call %s", self.name, key[0])
                     break
                 for delta in held:
@@ -1421,11 +1422,12 @@ class LlamaCppBackend:
             opening = CALL_PREFIX
         return index, False
 
-    def _log_request(self, n_prompt: int, cached: int, n_gen: int, finish: str, t0: float,
+    def _log_request(self, req: _Request, n_prompt: int, cached: int, n_gen: int, finish: str,
                      t_prompt: float) -> None:
         t_end = time.monotonic()
+        started = req.started if req.started is not None else t_prompt  # nothing to evaluate: no wait
         logger.debug(
-            "%s: prompt %d tok (%d cached) in %.2fs, %d tok generated in %.2fs (%.1f tok/s), %s",
-            self.name, n_prompt, cached, t_prompt - t0, n_gen, t_end - t_prompt,
+            "%s: waited %.2fs, prompt %d tok (%d cached) in %.2fs, %d tok generated in %.2fs (%.1f tok/s), %s",
+            self.name, started - req.arrived, n_prompt, cached, t_prompt - started, n_gen, t_end - t_prompt,
             n_gen / max(t_end - t_prompt, 1e-6), finish,
         )

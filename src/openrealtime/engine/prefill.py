@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
-from ..backends.llm import GenerationParams
 from ..protocol.items import ContentPart, Item
-from .response import prompt_messages, resolve, tool_specs
+from .response import generation_params, prompt_messages, resolve
 
 if TYPE_CHECKING:
     from .session import RealtimeSession
@@ -80,8 +80,7 @@ class SpeculativePrefill:
             user = Item(type="message", role="user", status="completed",
                         content=[ContentPart(type="input_audio", transcript=text)])
             messages = prompt_messages(spec.instructions, [*s.conversation, user])
-            params = GenerationParams(max_tokens=0, tools=tool_specs(spec.tools), tool_choice=spec.tool_choice,
-                                      cache_key=s.id)
+            params = dataclasses.replace(generation_params(spec, s.id), max_tokens=0)
             self._evaluating = True
             async with contextlib.aclosing(llm.stream(messages, params)) as stream:
                 async for _ in stream:

@@ -158,6 +158,16 @@ def prompt_messages(instructions: str, items: Sequence[Item]) -> list[ChatMessag
     return messages + items_to_messages(list(items))
 
 
+def generation_params(spec: ResolvedResponse, cache_key: str | None) -> GenerationParams:
+    """What a response asks of its LLM. The speculative prefill asks the same with ``max_tokens=0``,
+    so that its prompt (tools and all) is the one the response will render."""
+    cap = spec.max_output_tokens
+    return GenerationParams(temperature=spec.temperature, max_tokens=None if cap == "inf" else int(cap),
+                            tools=tool_specs(spec.tools),
+                            tool_choice=spec.tool_choice, parallel_tool_calls=spec.parallel_tool_calls,
+                            cache_key=cache_key)
+
+
 def tool_specs(tools: list[Any]) -> list[ToolSpec]:
     """The session's function tools as the LLM backends take them."""
     return [ToolSpec(name=t.name, description=t.description, parameters=t.parameters) for t in tools]
@@ -358,17 +368,10 @@ class ResponseRun:
             llm = await self.session.ctx.resolve_llm(self.session.config.model)
             self.messages = await self._prompt(llm)
             await self.session.prefill.settle()  # its slot is this response's now (the prompt cached)
-            max_tokens = self.spec.max_output_tokens
-            params = GenerationParams(
-                temperature=self.spec.temperature,
-                max_tokens=None if max_tokens == "inf" else int(max_tokens),
-                tools=self._tools(),
-                tool_choice=self.spec.tool_choice,
-                parallel_tool_calls=self.spec.parallel_tool_calls,
-                # The session's cache slot serves its conversation; an out-of-band prompt (a
-                # custom `input`, conversation "none") must not overwrite it.
-                cache_key=self.session.id if self.spec.in_conversation and self.spec.input is None else None,
-            )
+            # The session's cache slot serves its conversation; an out-of-band prompt (a custom
+            # `input`, conversation "none") must not overwrite it.
+            params = generation_params(
+                self.spec, self.session.id if self.spec.in_conversation and self.spec.input is None else None)
             if self.speaks:
                 finished = await self._stream_speech(llm, params)
             else:

@@ -46,7 +46,7 @@ CASES = [(WEATHER, "What's the weather like in Paris right now?"),
 class _Stats(logging.Handler):
     """Reads the backend's per-request debug line for sampled-token and evaluation counts."""
 
-    pattern = re.compile(r"(\d+) tokens \((\d+) sampled, (\d+) model calls\)")
+    pattern = re.compile(r"(\d+) tokens \((\d+) sampled, (\d+) model calls")
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)

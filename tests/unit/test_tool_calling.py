@@ -21,6 +21,8 @@ from openrealtime.backends.tool_calling import (
     TOOL_USE_RULE,
     CallScanner,
     GuidedDecoder,
+    NameGuard,
+    TokenVocab,
     answered_calls,
     call_key,
     call_probability,
@@ -28,6 +30,8 @@ from openrealtime.backends.tool_calling import (
     generic_tools_prompt,
     grounded,
     minimal_value,
+    name_confidence,
+    name_stem,
     parse_tool_calls,
     template_messages,
     template_supports_tools,
@@ -500,7 +504,69 @@ def test_a_call_is_grounded_when_a_value_comes_from_the_conversation():
     assert grounded('{"value": 150.0, "from_unit": "lb"}', ["How many kilograms is 150 pounds?"])
     assert grounded('{"title": "Gym sessions"}', ["my gym session next Monday"])  # crude stems
     assert not grounded('{"order_id": "12345"}', ["What does the word 'ephemeral' mean?"])
+    # Speech to text writes a spoken order number with a thousands separator; the call without.
+    assert grounded('{"order_id": "48230"}', ["Where's my order? 48,230."])
+    assert grounded('{"order_id": "48,230"}', ["order 48230"])
+    assert not grounded('{"order_id": "48230"}', ["I have 48 apples and 230 pears"])
     assert grounded('{"order_id": "48213"}', ["Where is my order?", '{"last_order": "48213"}'])  # a tool result
     # Nothing to check: no values, only booleans, or not JSON.
     assert grounded("{}", said) and grounded('{"precise": true}', said) and grounded("{oops", said)
     assert not grounded('{"query": "the weather"}', ["what is the time and the date"])  # common words do not count
+
+
+def test_name_stem_is_the_part_prose_never_writes():
+    assert name_stem("get_weather") == "get_"
+    assert name_stem("lookupOrder") == "lookupO"
+    assert name_stem("web-search") == "web-"
+    assert name_stem("search") is None  # a plain word: left alone
+    assert name_stem("URLFetch") is None  # no lower-to-upper step, no separator
+
+
+def test_name_guard_rules_out_the_tokens_that_complete_a_name():
+    pieces = [b"get", b"_weather", b" get", b"_", b"get_", b" the", b" weather", b"et_w", b"lookup", b"_order"]
+    vocab = TokenVocab(pieces)
+    guard = NameGuard(vocab, ["get_weather", "lookup_order", "search"])
+    ids = {p: i for i, p in enumerate(pieces)}
+
+    def banned(text: str) -> set[bytes]:
+        return {pieces[t] for t in guard.banned(text)}
+
+    assert banned("Let me") == {b"get_"}  # a token holding a whole stem, anywhere
+    assert banned("I will get") >= {b"_weather", b"_", b"get_"}  # after "get", no "_"
+    assert b" the" not in banned("I will get") and b" weather" not in banned("I will get")
+    assert b"et_w" in banned("I will g")
+    assert b"_order" in banned("use lookup")
+    assert ids[b"get"] not in guard.banned("")  # the word itself stays sayable
+    assert len(NameGuard(vocab, ["search"]).banned("search")) == 0
+
+
+def test_name_confidence_is_the_likeliest_first_token_of_a_name():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    assert name_confidence(logits, [1, 2]) == pytest.approx(0.3)
+    assert name_confidence(logits, [2, 2, 3]) == pytest.approx(0.15)  # names sharing a first token count once
+    assert name_confidence(logits, []) == 0.0
+
+
+def test_a_call_the_model_is_unsure_of_is_declined_before_a_name_is_chosen():
+    tools = [ToolSpec("get_weather", "w", {"type": "object", "properties": {"city": {"type": "string"}}}),
+             ToolSpec("get_time", "t", None)]
+    for sure in (False, True):
+        lm = FakeLM(3)
+        first = lm.tokenize('get_weather",')[0]  # both names open with "get"
+        lm.bias[first] = 40.0 if sure else -40.0
+        guide = GuidedDecoder(lm, lm.vocab, softmax_sampler(3))
+        names: list[str] = []
+        drive(guide.tool_call(tools, None, lambda n, names=names: (names.append(n), lambda _t: None)[1],
+                              min_confidence=0.7))
+        assert guide.name_confidence is not None
+        assert guide.declined is not sure
+        assert bool(names) is sure  # declined: no name chosen, nothing emitted
+        assert lm.detok().startswith(TOOL_CALL_OPEN)  # the opening was evaluated to read the confidence
+
+
+def test_name_guard_ignores_case_and_syntax_any_covers_wrapped_json():
+    pieces = [b"Get", b"_weather", b'({"', b" hello", b"`", b"<tool", b"x}"]
+    vocab = TokenVocab(pieces)
+    guard = NameGuard(vocab, ["get_weather"])
+    assert 1 in guard.banned("Call Get")  # "Get_weather(...)" is a name too
+    assert {pieces[t] for t in vocab.syntax_any} == {b'({"', b"`", b"<tool", b"x}"}

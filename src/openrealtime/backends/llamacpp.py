@@ -82,6 +82,7 @@ from openrealtime.backends.tool_calling import (
     TOOL_CALL_OPEN,
     CallScanner,
     GuidedDecoder,
+    NameGuard,
     Steps,
     TokenVocab,
     answered_calls,
@@ -302,15 +303,22 @@ def sample_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Ge
     return int(idx[rng.choice(len(idx), p=probs)])
 
 
-# Under tool_choice "auto" the reply opens a tool call when the model's first logits put at least
-# this probability on starting one (tool_calling.call_probability; any form: tag, JSON, code fence).
-# After a tool result the reply should answer from it, so another call needs more. Chosen on
-# bench/tool_cases.py with qwen2.5-1.5b, quiet machine (first-token probabilities read by a one-off
-# probe script, not kept; bench/tool_calls.py scores the whole replies): requests needing a tool
-# 0.33-0.90 (median 0.84), requests needing none 0.02-0.66 (median 0.37), follow-ups after a tool
-# result < 0.01.
-CALL_THRESHOLD = 0.5
+# Under tool_choice "auto" two signals decide whether the reply is a call:
+# 1. the mass the model's first logits put on starting a call in any form (tag, JSON, code fence:
+#    tool_calling.call_probability) must reach CALL_FLOOR, after a tool result (the reply should
+#    answer from it) CALL_THRESHOLD_AFTER_RESULT;
+# 2. with the call opening then written, the model must be sure which function it calls
+#    (tool_calling.name_confidence >= NAME_CONFIDENCE), else the opening is taken back and the
+#    reply is text.
+# Neither alone separates the cases: read with `bench/tool_probe.py` over bench/tool_cases.py with
+# qwen2.5-1.5b, requests needing a tool have 0.33-0.90 on (1) and 0.74-1.00 on (2); requests needing
+# none 0.02-0.66 on (1) but 0.00-0.54 on (2), except where a name matches a word of the request
+# ("how do you spell 'necessary'" -> lookup_order 0.84), which the grounding check may still catch;
+# follow-ups after a result < 0.01 on (1). (Chosen on those same 42 cases: a new tool set may need
+# its own look.)
+CALL_FLOOR = 0.25
 CALL_THRESHOLD_AFTER_RESULT = 0.75
+NAME_CONFIDENCE = 0.7
 
 
 def _masked(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -1192,10 +1200,11 @@ class LlamaCppBackend:
                    tools: list[ToolSpec]) -> Steps[str]:
         """The reply under tool_choice "auto": a call or text, decided on the first logits.
 
-        The model opens a call when it puts at least ``CALL_THRESHOLD`` on starting one in any form
-        (more after a tool result, when the reply should answer from it); the call is then written
-        in the canonical form, schema-guided. Otherwise the reply is text that cannot open with
-        call syntax, so JSON is never spoken; a ``<tool_call>`` later in it still becomes a call.
+        The model opens a call when it puts at least ``CALL_FLOOR`` on starting one in any form
+        (more after a tool result, when the reply should answer from it) and, with the opening
+        written, is sure which function (``NAME_CONFIDENCE``); the call is then written in the
+        canonical form, schema-guided. Otherwise the reply is text that cannot open with call
+        syntax, so JSON is never spoken; a ``<tool_call>`` later in it still becomes a call.
         A call identical to one already answered since the user spoke is taken back and the reply
         is text instead (no loops); so is a call none of whose values comes from the conversation
         (``tool_calling.grounded``: an invented order number).
@@ -1205,10 +1214,11 @@ class LlamaCppBackend:
         vocab = self.token_vocab()
         p_call = call_probability(req.next_logits(), vocab)
         after_result = bool(req.messages) and req.messages[-1].role == "tool"
-        threshold = CALL_THRESHOLD_AFTER_RESULT if after_result else CALL_THRESHOLD
-        logger.debug("%s: call probability %.2f (threshold %.2f)", self.name, p_call, threshold)
-        if p_call >= threshold:
-            finish = yield from self._try_calls(req, cursor, rng, tools, TOOL_CALL_OPEN + CALL_PREFIX)
+        floor = CALL_THRESHOLD_AFTER_RESULT if after_result else CALL_FLOOR
+        logger.debug("%s: call probability %.2f (floor %.2f)", self.name, p_call, floor)
+        if p_call >= floor:
+            finish = yield from self._try_calls(req, cursor, rng, tools, TOOL_CALL_OPEN + CALL_PREFIX,
+                                                min_confidence=NAME_CONFIDENCE)
             if finish is not None:
                 return finish
             # It would have repeated an answered call, or invented one: answer in words, and with
@@ -1217,10 +1227,10 @@ class LlamaCppBackend:
         return (yield from self._text(req, cursor, rng, tools, plain_start=True))
 
     def _try_calls(self, req: _Request, cursor: _Cursor, rng: np.random.Generator, tools: list[ToolSpec],
-                   opening: str) -> Steps[str | None]:
-        """Guided calls from here on: the finish reason, or None when the first call repeats an
-        answered one or is not grounded in the conversation (the cache, the logits and the budget
-        are then back as they were)."""
+                   opening: str, min_confidence: float = 0.0) -> Steps[str | None]:
+        """Guided calls from here on: the finish reason, or None when the model is unsure which
+        function to call (`min_confidence`), or the first call repeats an answered one or is not
+        grounded in the conversation (the cache, the logits and the budget are then back as they were)."""
         slot = req.slot
         assert slot is not None
         pos, n0 = len(slot.tokens), cursor.n_gen
@@ -1232,7 +1242,7 @@ class LlamaCppBackend:
             return call_key(name, arguments) in answered or not grounded(arguments, said)
 
         cut = yield from self._tool_calls(req, cursor, rng, tools, None, single=single, opening=opening,
-                                          reject=reject)
+                                          reject=reject, min_confidence=min_confidence)
         if cut is None:
             yield from self._rewind(req, pos)
             cursor.n_gen = n0
@@ -1260,6 +1270,8 @@ class LlamaCppBackend:
         vocab = self.token_vocab()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         scanner = CallScanner(TOOL_CALL_OPEN) if tools else None
+        guard = NameGuard(vocab, [t.name for t in params.tools]) if params.tools else None
+        written = ""  # the reply's last characters, for the guard
         starts: list[tuple[int, int]] = []  # (offset in the reply, KV position) of each token
         max_new = cursor.max_new
         first, spoke = True, False
@@ -1269,11 +1281,13 @@ class LlamaCppBackend:
                 raise _Stop
             logits = req.next_logits()
             if no_syntax:
-                logits = _masked(logits, vocab.call_start if first else vocab.syntax_start)
+                logits = _masked(logits, vocab.call_start if first else vocab.syntax_any)
             elif first and plain_start:
                 logits = _masked(logits, vocab.call_start)
             if not spoke:
                 logits = _masked(logits, vocab.unusable)
+            if guard is not None:
+                logits = _masked(logits, guard.banned(written))
             first = False
             token = sample_token(logits, params, rng)
             # End-of-generation tokens end the reply; so does any other control token (e.g. a
@@ -1285,6 +1299,7 @@ class LlamaCppBackend:
                 break
             cursor.n_gen += 1
             text = decoder.decode(self._piece(token))
+            written = (written + text)[-64:]
             opening = None
             if scanner is not None:
                 starts.append((len(scanner.text), len(slot.tokens)))
@@ -1330,21 +1345,25 @@ class LlamaCppBackend:
 
     def _tool_calls(self, req: _Request, cursor: _Cursor, rng: np.random.Generator, tools: list[ToolSpec],
                     name: str | None, single: bool, opening: str,
-                    reject: Callable[[str, str], bool] | None = None) -> Steps[bool | None]:
+                    reject: Callable[[str, str], bool] | None = None,
+                    min_confidence: float = 0.0) -> Steps[bool | None]:
         """Guided ``<tool_call>`` blocks: one when forced (`single`), else as many as the model writes.
 
         `name`: the function to call (None: the model picks among `tools`). True when the budget
         cut the first call short (or before it began): the response is incomplete. None when the
-        first call is one `reject`(name, arguments) refuses: nothing was emitted, the caller takes
-        it back (later ones it refuses are dropped).
+        model is less sure than `min_confidence` of the first call's function, or the first call
+        is one `reject`(name, arguments) refuses: nothing was emitted, the caller takes it back
+        (later ones it refuses are dropped).
         """
         params = req.params
         vocab = self.token_vocab()
         guide = GuidedDecoder(cursor, vocab, lambda logits: sample_token(logits, params, rng))
         t0, n0 = time.monotonic(), cursor.n_gen
-        index, cut = yield from self._guided_calls(req, guide, tools, name, single, opening, reject)
+        index, cut = yield from self._guided_calls(req, guide, tools, name, single, opening, reject,
+                                                   min_confidence)
         if index < 0:
-            logger.debug("%s: took back a call that repeats an answered one or invents its values", self.name)
+            why = "unsure of the function" if guide.declined else "repeats an answered one or invents its values"
+            logger.debug("%s: took back a call: %s", self.name, why)
             return None
         elapsed = time.monotonic() - t0
         logger.debug("%s: %d guided tool call(s)%s, %d tokens (%d sampled, %d model calls, %d squeezed by the "
@@ -1354,10 +1373,10 @@ class LlamaCppBackend:
         return cut
 
     def _guided_calls(self, req: _Request, guide: GuidedDecoder, tools: list[ToolSpec], name: str | None,
-                      single: bool, opening: str,
-                      reject: Callable[[str, str], bool] | None) -> Steps[tuple[int, bool]]:
+                      single: bool, opening: str, reject: Callable[[str, str], bool] | None,
+                      min_confidence: float = 0.0) -> Steps[tuple[int, bool]]:
         """The call loop of `_tool_calls`: (calls emitted, whether the first one was cut short);
-        (-1, False) when `reject` refuses the first call."""
+        (-1, False) when the first call is declined (`min_confidence`) or `reject` refuses it."""
         vocab = guide.vocab
         index = 0
         seen: set[tuple[str, str]] = set()
@@ -1391,7 +1410,13 @@ class LlamaCppBackend:
 
         while True:
             squeezes = guide.squeezes
-            yield from guide.tool_call(tools, name, on_name, opening=opening)
+            yield from guide.tool_call(tools, name, on_name, opening=opening,
+                                       min_confidence=min_confidence if index == 0 else 0.0)
+            if index == 0 and guide.name_confidence is not None:
+                logger.debug("%s: name confidence %.2f (needed %.2f)", self.name, guide.name_confidence,
+                             min_confidence)
+            if guide.declined:
+                return -1, False
             squeezed = guide.squeezes > squeezes  # the budget shortened this call
             more = False
             if not single and index + 1 < MAX_CALLS_PER_RESPONSE:

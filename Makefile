@@ -6,7 +6,7 @@ MODEL  ?= qwen2.5-1.5b
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 # Tests run on the tiny SmolLM2 (fast CI on 2 CPU cores); the tool-decision tests use the default 1.5B.
-TEST_MODELS ?= smollm2-135m qwen2.5-1.5b
+TEST_MODELS ?= smollm2-135m qwen2.5-1.5b whisper-base
 
 .PHONY: install serve test lint bench clean
 

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # System packages the test suite needs beyond PyPI: Debian's Chromium for the browser e2e test
 # (tests/e2e/test_browser.py drives it with Playwright's executable_path; Playwright never
-# downloads a browser of its own here).
+# downloads a browser of its own here), and espeak-ng, whose voices speak the second languages of
+# the multilingual speech-to-text tests (Piper's bundled voice is English only).
 #
-# Idempotent and non-interactive: does nothing when /usr/bin/chromium is already there.
+# Idempotent and non-interactive: does nothing when /usr/bin/chromium and espeak-ng are already there.
 # Without root and without passwordless sudo it prints why and exits 0; the browser test then
 # skips with that reason locally, and fails in CI (CI=true), where it must run.
 set -euo pipefail
 
 CHROMIUM=/usr/bin/chromium
-PACKAGES=(chromium)
+PACKAGES=(chromium espeak-ng)
 
-if [ -x "$CHROMIUM" ]; then
-    echo "install-system-deps: $CHROMIUM present, nothing to do"
+if [ -x "$CHROMIUM" ] && command -v espeak-ng >/dev/null 2>&1; then
+    echo "install-system-deps: $CHROMIUM and espeak-ng present, nothing to do"
     exit 0
 fi
 

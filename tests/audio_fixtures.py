@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 import shutil
 import subprocess
 import threading
+import unicodedata
 import wave
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ from typing import Any
 import numpy as np
 import soxr
 
-__all__ = ["silence", "speak", "speech_available", "white_noise", "write_wav"]
+__all__ = ["espeak", "espeak_available", "silence", "speak", "speech_available", "white_noise", "word_overlap",
+           "write_wav"]
 
 _piper_lock = threading.Lock()
 
@@ -69,6 +72,38 @@ def speak(text: str, rate: int = 24000) -> bytes:
         src_rate = fh.getframerate()
         samples = np.frombuffer(fh.readframes(fh.getnframes()), dtype="<i2")
     return _resample(samples, src_rate, rate)
+
+
+def espeak_available() -> bool:
+    """Whether Debian's espeak-ng is on PATH (the only synthesizer here with voices in other languages)."""
+    return shutil.which("espeak-ng") is not None
+
+
+@functools.lru_cache(maxsize=128)
+def espeak(text: str, voice: str = "en-us", rate: int = 24000) -> bytes:
+    """``text`` spoken by espeak-ng's ``voice`` ("es", "de", "fr", "en-us") as PCM16 mono at ``rate`` Hz.
+
+    Piper's bundled voice speaks English only; multilingual tests need a second language.
+    """
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
+    wav = subprocess.run([exe, "-v", voice, "--stdout", text], check=True, capture_output=True, timeout=60).stdout
+    with wave.open(io.BytesIO(wav)) as fh:
+        src_rate = fh.getframerate()
+        samples = np.frombuffer(fh.readframes(fh.getnframes()), dtype="<i2")
+    return _resample(samples, src_rate, rate)
+
+
+def _plain_words(text: str) -> list[str]:
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return re.findall(r"\w+", plain.casefold())
+
+
+def word_overlap(reference: str, hypothesis: str) -> float:
+    """Share of the reference's words (any language; case, accents, punctuation ignored) in the hypothesis."""
+    ref, hyp = _plain_words(reference), set(_plain_words(hypothesis))
+    return sum(w in hyp for w in ref) / max(len(ref), 1)
 
 
 def silence(ms: int, rate: int = 24000) -> bytes:

@@ -297,6 +297,9 @@ def _t(type_: str, scaffold: dict[str, Any], path: str, kind: str, param: str | 
 
 _FC = {"item": {"type": "function_call", "call_id": "c", "name": "n", "arguments": "{}"}}
 _FCO = {"item": {"type": "function_call_output", "call_id": "c", "output": "o"}}
+_MCPR = {"item": {"type": "mcp_approval_response", "approval_request_id": "r", "approve": True}}
+_MCPL = {"item": {"type": "mcp_list_tools", "server_label": "s", "tools": []}}
+_MCPC = {"item": {"type": "mcp_call", "server_label": "s", "name": "n", "arguments": "{}"}}
 _RETENTION = {"type": "retention_ratio", "retention_ratio": 0.5, "token_limits": {"post_instructions": 10}}
 _SU, _CIC, _RC = "session.update", "conversation.item.create", "response.create"
 _TRUNC = {"item_id": "x", "content_index": 0, "audio_end_ms": 0}
@@ -385,6 +388,10 @@ TARGETS: list[Target] = [
          f"item.content[0].{f}", k) for f, k in (("image_url", "str"), ("detail", "lit"))),
     *(_t(_CIC, _FC, f"item.{f}", "str") for f in ("call_id", "name", "arguments")),
     _t(_CIC, _FCO, "item.output", "str"),
+    *(_t(_CIC, _MCPR, f"item.{f}", k) for f, k in (("approval_request_id", "str"), ("approve", "bool"),
+                                                    ("reason", "str"))),
+    *(_t(_CIC, _MCPL, f"item.{f}", k) for f, k in (("server_label", "str"), ("tools", "list"))),
+    _t(_CIC, _MCPC, "item.error", "obj"),
     _t("conversation.item.retrieve", {"item_id": "x"}, "item_id", "str"),
     _t("conversation.item.delete", {"item_id": "x"}, "item_id", "str"),
     *(_t("conversation.item.truncate", {"item_id": "x", "content_index": 0, "audio_end_ms": 0}, f, k)

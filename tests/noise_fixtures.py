@@ -108,16 +108,21 @@ def _words(text: str) -> list[str]:
     return [w for token in re.sub(r"[^a-z0-9' ]+", " ", text).split() for w in _number_words(token)]
 
 
-def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """(edit distance in words, reference length) after lower-casing and dropping punctuation."""
-    ref, hyp = _words(reference), _words(hypothesis)
+def edit_distance(ref: list[str], hyp: list[str]) -> int:
+    """Word-level Levenshtein distance (substitutions, insertions, deletions)."""
     prev = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         cur = [i] + [0] * len(hyp)
         for j, h in enumerate(hyp, 1):
             cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
         prev = cur
-    return prev[-1], len(ref)
+    return prev[-1]
+
+
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(edit distance in words, reference length) after lower-casing and dropping punctuation."""
+    ref, hyp = _words(reference), _words(hypothesis)
+    return edit_distance(ref, hyp), len(ref)
 
 
 def wer(references: list[str], hypotheses: list[str]) -> float:

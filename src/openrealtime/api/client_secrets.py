@@ -193,7 +193,7 @@ def starting_session(secret: ClientSecret | None, session: dict[str, Any] | None
     if secret is None or not secret.session:
         return session, model
     base = dict(secret.session)
-    if model:
+    if model and base.get("type") != "transcription":  # a transcription session has no `model`
         base["model"] = model
     merged = deep_merge(base, session or {})
     chosen = merged.get("model")

@@ -39,8 +39,11 @@ async def inworld_websocket(ws: WebSocket, key: str | None = None, protocol: str
 
 @router.websocket("/v1/realtime")
 async def realtime_websocket(ws: WebSocket, model: str | None = None, call_id: str | None = None,
-                             client_session: str | None = None) -> None:
+                             client_session: str | None = None, intent: str | None = None) -> None:
     """Authenticate during the handshake (401 before upgrading), then hand over to the transport.
+
+    `?intent=transcription` (the hosted API's URL for it) opens a transcription session; so does an
+    ephemeral key minted with a `"type": "transcription"` session.
 
     Admission (429 at `max_sessions`, 503 while draining) is decided after authentication, so only
     a client with a key learns how busy the server is; the slot is held until the session ends.
@@ -53,12 +56,16 @@ async def realtime_websocket(ws: WebSocket, model: str | None = None, call_id: s
     try:
         try:
             secret = await authenticate_session(ws)
+            if intent not in (None, "", "transcription", "realtime"):
+                raise APIError(400, f"Invalid value for 'intent': {intent[:64]!r}. Supported values are: "
+                               "'transcription'.", code="invalid_value", param="intent")
             slot = admission_of(ws).reserve("websocket")
             # Opened with an ephemeral key: the session starts from the key's session config.
             initial, model = starting_session(secret, None, model)
             try:
                 session = RealtimeSession(ws.app.state.engine, transport="websocket", initial_session=initial,
-                                          model=model, api_key=session_key(ws, secret))
+                                          model=model, api_key=session_key(ws, secret),
+                                          session_type="transcription" if intent == "transcription" else None)
             except InvalidSessionConfig as exc:
                 raise APIError(400, exc.message, code=exc.code, param=exc.param) from exc
         except APIError as exc:

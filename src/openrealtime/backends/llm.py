@@ -32,16 +32,27 @@ class ToolCall:
 
 
 @dataclass(slots=True)
+class ImageInput:
+    """An image of a user turn: a URL (``https://...`` or a ``data:image/...;base64,`` URL)."""
+
+    url: str
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+@dataclass(slots=True)
 class ChatMessage:
     """One chat turn in OpenAI chat-completions shape.
 
-    Assistant turns may carry `tool_calls`; a `tool` turn answers the call `tool_call_id`.
+    Assistant turns may carry `tool_calls`; a `tool` turn answers the call `tool_call_id`. A user
+    turn's `images` reach only backends whose `accepts_images` is true (the engine refuses them
+    for the others, engine/content.py), so text-only backends may ignore the field.
     """
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    images: list[ImageInput] | None = None
 
 
 @dataclass(slots=True)
@@ -119,6 +130,8 @@ class LLMBackend(Protocol):
 
     name: str
     context_length: int
+    # Optional: True when the model reads `ChatMessage.images` (absent: text-only).
+    # accepts_images: bool
 
     def stream(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[LLMEvent]: ...
 

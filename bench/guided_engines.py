@@ -64,7 +64,7 @@ import numpy as np
 from openrealtime.backends import tool_calling
 from openrealtime.backends.gguf import ModelError, ensure_model
 from openrealtime.backends.llamacpp import LlamaCppBackend, sample_token
-from openrealtime.backends.llm import ChatMessage, Finished, GenerationParams, ToolCallDelta, ToolSpec
+from openrealtime.backends.llm import ChatMessage, GenerationParams, ToolSpec
 from openrealtime.backends.tool_calling import CALL_PREFIX, TOOL_CALL_OPEN, GuidedDecoder, TokenVocab, drive
 from openrealtime.config import Settings
 
@@ -78,7 +78,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.tool_cases import CASES as SUITE  # noqa: E402
 from bench.tool_cases import TOOLS  # noqa: E402
-from bench.tool_decoding import BOOKING  # noqa: E402
+from bench.tool_decoding import BOOKING, collect_call  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
 BOOKING_REQUESTS = ["Book a table for four at Chez Paul on Friday at 8pm, by the window.",
@@ -399,13 +399,8 @@ async def prod_call(llm: LlamaCppBackend, stats: _Stats, case: Case, tools: list
     messages = [ChatMessage("system", SYSTEM), ChatMessage("user", case.request)]
     params = GenerationParams(temperature=0.0, tools=tools, tool_choice=case.tool.name, max_tokens=budget)
     stats.last = None
-    args, finished, t0 = "", None, time.perf_counter()
-    async for event in llm.stream(messages, params):
-        if isinstance(event, ToolCallDelta):
-            args += event.arguments
-        elif isinstance(event, Finished):
-            finished = event
-    assert finished is not None
+    t0 = time.perf_counter()
+    args, finished = await collect_call(llm, messages, params)
     run = Run("ours/prod", case.tool.name, case.request, budget, args, finished.finish_reason,
               finished.usage.completion_tokens, seconds=time.perf_counter() - t0)
     if stats.last:

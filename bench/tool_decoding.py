@@ -58,16 +58,24 @@ class _Stats(logging.Handler):
             self.last = tuple(int(x) for x in match.groups())  # type: ignore[assignment]
 
 
-async def call_once(llm: LlamaCppBackend, tool: ToolSpec, question: str, seed: int) -> tuple[int, float, str]:
-    messages = [ChatMessage("system", "You are a helpful assistant."), ChatMessage("user", question)]
-    params = GenerationParams(temperature=0.7, seed=seed, tools=[WEATHER, BOOKING], tool_choice=tool.name)
-    args, t0, finished = "", time.monotonic(), None
+async def collect_call(llm: LlamaCppBackend, messages: list[ChatMessage], params: GenerationParams
+                       ) -> tuple[str, Finished]:
+    """A forced call's arguments text and its end (shared with bench/guided_engines.py)."""
+    args, finished = "", None
     async for event in llm.stream(messages, params):
         if isinstance(event, ToolCallDelta):
             args += event.arguments
         elif isinstance(event, Finished):
             finished = event
     assert finished is not None
+    return args, finished
+
+
+async def call_once(llm: LlamaCppBackend, tool: ToolSpec, question: str, seed: int) -> tuple[int, float, str]:
+    messages = [ChatMessage("system", "You are a helpful assistant."), ChatMessage("user", question)]
+    params = GenerationParams(temperature=0.7, seed=seed, tools=[WEATHER, BOOKING], tool_choice=tool.name)
+    t0 = time.monotonic()
+    args, finished = await collect_call(llm, messages, params)
     return finished.usage.completion_tokens, time.monotonic() - t0, args
 
 

@@ -156,8 +156,10 @@ async def test_call_runs_and_the_response_continues_with_the_result():
     llm = ToolLLM([call(0, "add", '{"a": 2, "b": 3}'), [TextDelta("Two plus three is five.")]])
     mcp = FakeMcp()
     s = make(llm, mcp)
-    await listed(s, [server(require_approval="never", authorization="tok")],
-                 tool_choice={"type": "mcp", "server_label": "calc", "name": "add"})
+    listing = await listed(s, [server(require_approval="never", authorization="tok", headers={"X-Key": "k"})],
+                           tool_choice={"type": "mcp", "server_label": "calc", "name": "add"})
+    [echo] = [e["session"]["tools"][0] for e in listing if e["type"] == "session.updated"]
+    assert "authorization" not in echo and "headers" not in echo  # credentials are write-only
     await send(s, user_text("What is 2 + 3?"))
     await drain(s)
     await send(s, {"type": "response.create"})
@@ -176,7 +178,7 @@ async def test_call_runs_and_the_response_continues_with_the_result():
     assert mcp_item["output"] == "The sum is 5." and mcp_item["error"] is None
     assert json.loads(mcp_item["arguments"]) == {"a": 2, "b": 3}
     assert message["content"][0]["text"] == "Two plus three is five."
-    assert mcp.calls == [("add", {"a": 2, "b": 3}, {"Authorization": "Bearer tok"})]
+    assert mcp.calls == [("add", {"a": 2, "b": 3}, {"X-Key": "k", "Authorization": "Bearer tok"})]
     # First generation forced to the tool, the second answers (auto) with the result in its prompt.
     assert llm.params[0].tool_choice == "add" and llm.params[1].tool_choice == "auto"
     assert [t.name for t in llm.params[0].tools] == ["add", "shout"]

@@ -316,6 +316,12 @@ class SessionConfig(_Model):
         # What the hosted API sends as null when unset.
         data.setdefault("prompt", None)
         data.setdefault("include", None)
+        # An MCP server's credentials are write-only: session events reach sideband controllers,
+        # logs and browser pages that must not learn the key the server calls the MCP server with.
+        for tool in data.get("tools") or []:
+            if tool.get("type") == "mcp":
+                tool.pop("authorization", None)
+                tool.pop("headers", None)
         return data
 
     def _transcription_wire(self) -> dict[str, Any]:

@@ -122,3 +122,12 @@ async def test_after_a_tool_result_the_reply_answers_from_it(qwen: LlamaCppBacke
     assert (call[0], call[1]) not in calls, calls  # never the answered call again
     assert text.strip() and answer in text.lower(), text
     assert not any(s in text for s in CALL_SYNTAX), text
+
+
+async def test_a_text_reply_never_spells_out_a_function_name(qwen: LlamaCppBackend):
+    # Asked to, the model would write the names verbatim (it does with NameGuard switched off);
+    # spoken, they are machine text.
+    text, calls, _ = await reply(qwen, [ChatMessage("user", "Repeat exactly, nothing else: get_weather, lookup_order")],
+                                 tool_choice="none")
+    assert calls == [] and text.strip(), text
+    assert "get_weather" not in text.lower() and "lookup_order" not in text.lower(), text

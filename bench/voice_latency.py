@@ -105,26 +105,43 @@ def server_marks(server: Server, response_id: str) -> dict[str, float]:
 
 
 async def webrtc_turns(server: Server, questions: list[bytes], silence_ms: int,
-                       turn: str = "server_vad") -> list[dict]:
+                       turn: str = "server_vad", session: dict[str, Any] | None = None,
+                       validate: bool = True) -> list[dict]:
+    """One row per question. `session`: fields merged over `session_config` (e.g. instructions);
+    `validate=False` skips the per-event schema checks (their Node round trip blocks the loop).
+    Rows also hold `reply_text` (the reply's transcript from `response.done`) and `user_transcript`
+    (the server's transcription of the question, when it arrived before the reply ended)."""
     mic = TimedMic()
-    peer, _, _ = await open_call(server, peer=Peer(mic=mic, record=True))
+    peer, _, _ = await open_call(server, peer=Peer(mic=mic, record=True, validate=validate))
     rows = []
     try:
-        peer.send({"type": "session.update", "session": session_config(silence_ms, turn)})
+        peer.send({"type": "session.update", "session": {**session_config(silence_ms, turn), **(session or {})}})
         await peer.collect("session.updated")
         for pcm24 in questions:
             heard_from = len(peer.heard)
             mic.utter(speak_48(pcm24), trailing_ms=trailing_ms(silence_ms, turn))
             events = await peer.collect("response.done", wait_s=120)
-            response_id = events[-1]["response"]["id"]
-            await peer.collect("output_audio_buffer.stopped", wait_s=120)
+            response = events[-1]["response"]
+            events += await peer.collect("output_audio_buffer.stopped", wait_s=120)
             first = next((h for h in peer.heard[heard_from:] if h.at > mic.speech_end_at and h.rms > AUDIBLE_RMS),
                          None)
-            rows.append(turn_row(server, response_id, mic.speech_end_at, first.at if first else None))
+            row = turn_row(server, response["id"], mic.speech_end_at, first.at if first else None)
+            row["reply_text"] = reply_transcript(response)
+            said = [e.get("transcript", "") for e in events
+                    if e["type"] == "conversation.item.input_audio_transcription.completed"]
+            row["user_transcript"] = said[-1] if said else None
+            rows.append(row)
             await asyncio.sleep(0.5)
     finally:
         await peer.close()
     return rows
+
+
+def reply_transcript(response: dict[str, Any]) -> str:
+    """The text of a `response.done` response: its message items' transcripts (or text)."""
+    return "".join(part.get("transcript") or part.get("text") or ""
+                   for item in response.get("output", []) if item.get("type") == "message"
+                   for part in item.get("content", []))
 
 
 def speak_48(pcm24: bytes) -> bytes:

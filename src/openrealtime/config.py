@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     llm_cache_tokens: int = Field(default=0, ge=0)
     # Evaluate a turn's prompt during the silence wait, from the speculative transcript (local models).
     llm_prefill: bool = False
+    # Quiet (ms) inside a turn after which the turn so far is transcribed speculatively (thrown away
+    # if the user goes on); capped at half of server_vad's silence_duration_ms.
+    stt_speculate_ms: int = Field(default=200, ge=20, le=2000)
     # Allow sessions to pick any local .gguf path through the session `model` field.
     allow_model_paths: bool = False
     model_cache_dir: Path = Field(

@@ -251,6 +251,18 @@ def test_sampling_respects_top_k_and_greedy() -> None:
     assert picks == {1, 2}
 
 
+def test_min_p_drops_the_unlikely_tail_and_only_it() -> None:
+    import numpy as np
+
+    # Probabilities ~ 0.64, 0.32, 0.03, 0.01: min_p 0.05 of the top (0.032) keeps the first two.
+    logits = np.log(np.array([0.64, 0.32, 0.03, 0.01])).astype(np.float32)
+    rng = np.random.default_rng(0)
+    kept = GenerationParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.05)
+    assert {sample_token(logits, kept, rng) for _ in range(2000)} == {0, 1}
+    off = GenerationParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    assert {sample_token(logits, off, rng) for _ in range(2000)} == {0, 1, 2, 3}
+
+
 async def test_count_tokens_matches_prompt_usage(backend: LlamaCppBackend) -> None:
     messages = ask("How many tokens is this?")
     n = await backend.count_tokens(messages)

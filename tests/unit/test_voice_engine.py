@@ -168,6 +168,20 @@ def test_detector_offsets_and_speculation():
     assert stop.speech_end_ms == 24 * 32 and stop.end_ms == 24 * 32 + 320
 
 
+def test_speculation_starts_after_the_configured_quiet():
+    """stt_speculate_ms: SilenceBegan after that much quiet, never later than half the silence wait."""
+    def began_after(detector: VadTurnDetector) -> int:
+        frames = [0.9] * 10 + [0.0] * 40
+        for i, p in enumerate(frames):
+            if any(isinstance(e, SilenceBegan) for e in detector.feed(p, i * 32)):
+                return (i + 1 - 10) * 32  # quiet ms at the end of that frame
+        raise AssertionError("no SilenceBegan")
+
+    assert began_after(VadTurnDetector(0.5, 1200, 32)) == 224  # the default 200 ms, in 32 ms frames
+    assert began_after(VadTurnDetector(0.5, 1200, 32, speculate_ms=100)) == 128
+    assert began_after(VadTurnDetector(0.5, 300, 32, speculate_ms=400)) == 160  # half of 300
+
+
 async def test_server_vad_turn_over_websocket():
     llm = ScriptedLLM(["Hi ", "there, ", "friend. ", "How ", "are ", "you?"])
     s = voice_session(llm)

@@ -279,7 +279,8 @@ def _raise_exception(message: str) -> None:
 
 
 def sample_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Generator) -> int:
-    """Pick the next token: greedy at temperature 0, else top-k -> top-p -> temperature.
+    """Pick the next token: greedy at temperature 0, else top-k -> top-p -> min-p -> temperature
+    (llama.cpp's order).
 
     Done in numpy rather than with llama.cpp's samplers so it is reproducible with a seed and does
     not need a 150k-entry ctypes array per token.
@@ -296,6 +297,9 @@ def sample_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Ge
         probs = np.exp(cand - cand[0])
         probs /= probs.sum()
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1
+        idx, cand = idx[:keep], cand[:keep]
+    if 0 < params.min_p < 1:
+        keep = int(np.count_nonzero(cand - cand[0] >= np.log(params.min_p)))  # sorted: a prefix
         idx, cand = idx[:keep], cand[:keep]
     scaled = (cand - cand[0]) / params.temperature
     probs = np.exp(scaled)

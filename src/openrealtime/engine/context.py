@@ -51,6 +51,8 @@ class EngineContext:
     first_chunk_words: int = 0
     # Evaluate the next prompt during the silence wait (engine/prefill.py).
     speculative_prefill: bool = False
+    # Quiet (ms) in a turn after which it is transcribed speculatively (engine/turns.py, SilenceBegan).
+    speculate_after_ms: int = 200
     # Transcription sessions decode the utterance so far after each this many ms of new speech, to
     # send deltas while the user speaks (0: deltas only once the turn is committed).
     partial_transcript_ms: int = 1000

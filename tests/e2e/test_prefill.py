@@ -80,19 +80,27 @@ async def test_the_prompt_is_evaluated_while_the_silence_wait_runs(server: Serve
 
 async def test_speaking_on_after_a_pause_discards_the_speculation(server: Server):
     """A pause long enough for the speculative transcript and prefill (1 s, the wait is 1.5 s), then
-    more words: one turn, one response, and it is about the whole utterance."""
+    more words: one turn, one response, and it is about the whole utterance.
+
+    The prefill at the pause needs Whisper done within ~0.8 s of the pause's start; a loaded machine
+    can miss that (one CI run of many), and then there is no speculation to discard. So the turn is
+    asked again, at most twice, until the prefill did happen; every attempt must pass every check."""
     first, second = speak("Please tell me the name of", RATE), speak("the capital city of France.", RATE)
-    before = await scrape(server)
-    rec, done = await ask(server, silence(400, RATE) + first + silence(1000, RATE) + second + silence(2500, RATE),
-                          linger_s=0.5)  # nothing else may follow
-    types = rec.types()
-    assert types.count("input_audio_buffer.committed") == 1, types
-    assert types.count("response.created") == 1 and types.count("response.done") == 1, types
-    completed = [e for e in rec.events if e["type"] == "conversation.item.input_audio_transcription.completed"]
-    assert len(completed) == 1
-    words = completed[0]["transcript"].lower()
-    assert "name" in words and "france" in words, words  # the full utterance, not the speculation
-    assert done["status"] in ("completed", "incomplete"), done
-    # Three LLM requests: the prefill at the pause (thrown away), the one at the end, the response.
     requests = "openrealtime_llm_queue_wait_seconds_count"
-    assert total(await scrape(server), requests) - total(before, requests) >= 3
+    for _attempt in range(3):
+        before = await scrape(server)
+        rec, done = await ask(server, silence(400, RATE) + first + silence(1000, RATE) + second
+                              + silence(2500, RATE), linger_s=0.5)  # nothing else may follow
+        types = rec.types()
+        assert types.count("input_audio_buffer.committed") == 1, types
+        assert types.count("response.created") == 1 and types.count("response.done") == 1, types
+        completed = [e for e in rec.events if e["type"] == "conversation.item.input_audio_transcription.completed"]
+        assert len(completed) == 1
+        words = completed[0]["transcript"].lower()
+        assert "name" in words and "france" in words, words  # the full utterance, not the speculation
+        assert done["status"] in ("completed", "incomplete"), done
+        # Three LLM requests: the prefill at the pause (thrown away), the one at the end, the response.
+        if total(await scrape(server), requests) - total(before, requests) >= 3:
+            break
+    else:
+        raise AssertionError("no prefill at the pause in three attempts")

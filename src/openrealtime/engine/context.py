@@ -10,6 +10,7 @@ from ..backends.mcp import McpClient
 from ..backends.speech import NoiseSuppressor, STTBackend, TTSBackend, TurnDetector, VADModel
 from .ratelimit import RateLimiter
 from .stats import EngineStats
+from .turns import SPECULATE_AFTER_MS
 
 
 @dataclass(slots=True)
@@ -52,7 +53,7 @@ class EngineContext:
     # Evaluate the next prompt during the silence wait (engine/prefill.py).
     speculative_prefill: bool = False
     # Quiet (ms) in a turn after which it is transcribed speculatively (engine/turns.py, SilenceBegan).
-    speculate_after_ms: int = 200
+    speculate_after_ms: int = SPECULATE_AFTER_MS
     # Transcription sessions decode the utterance so far after each this many ms of new speech, to
     # send deltas while the user speaks (0: deltas only once the turn is committed).
     partial_transcript_ms: int = 1000

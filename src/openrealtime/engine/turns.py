@@ -59,10 +59,15 @@ class TurnCheck:
 TurnEvent = SpeechStarted | SilenceBegan | SpeechResumed | SpeechStopped | TurnCheck
 
 
+# Quiet (ms) in a turn before its speculative transcript starts (the `stt_speculate_ms` default).
+SPECULATE_AFTER_MS = 200
+
+
 class VadTurnDetector:
     """server_vad semantics: `threshold`, and `silence_duration_ms` of quiet to end a turn."""
 
-    def __init__(self, threshold: float, silence_duration_ms: int, frame_ms: float, speculate_ms: float = 200.0):
+    def __init__(self, threshold: float, silence_duration_ms: int, frame_ms: float,
+                 speculate_ms: float = SPECULATE_AFTER_MS):
         self.threshold = threshold
         self.silence_duration_ms = silence_duration_ms
         self.frame_ms = frame_ms
@@ -172,7 +177,8 @@ class SemanticTurnDetector(VadTurnDetector):
     answer the turn ends after ``max_wait_ms`` of silence, exactly like server_vad.
     """
 
-    def __init__(self, eagerness: str, frame_ms: float, vad_threshold: float = 0.5, speculate_ms: float = 200.0):
+    def __init__(self, eagerness: str, frame_ms: float, vad_threshold: float = 0.5,
+                 speculate_ms: float = SPECULATE_AFTER_MS):
         self.eagerness = EAGERNESS[eagerness]
         super().__init__(vad_threshold, self.eagerness.max_wait_ms, frame_ms, speculate_ms)
         self._checks_due = 0  # index into CHECK_AT_MS for the current pause

@@ -196,6 +196,23 @@ class Settings(BaseSettings):
     # On SIGTERM the server drains: new sessions get a 503 `draining`, live ones may go on for this
     # many seconds, then they are closed and the process exits.
     drain_grace_s: float = Field(30.0, ge=0)
+    # Several nodes behind a load balancer (docs/deploy.md): where they share ephemeral keys, rate-limit
+    # buckets and the node and call registries. Unset = this process only (one node). A Redis or
+    # Valkey URL (redis://host:6379/0, rediss://, unix://) shares them; `state_timeout_s` bounds
+    # each request to it. `state_failure_policy` is what rate limits do while the store cannot be
+    # reached: "closed" refuses responses (`rate_limit_unavailable`), "open" lets them run unchecked.
+    # Ephemeral keys cannot be minted or used while it is down (503 `state_unavailable`) either way.
+    state_url: str | None = Field(None, repr=False)  # may carry a password
+    state_prefix: str = "openrealtime:"
+    state_timeout_s: float = Field(1.0, gt=0)
+    state_failure_policy: Literal["closed", "open"] = "closed"
+    # This node in the registry: its id (in its call ids, `rtc_<node_id>_...`, so a balancer can
+    # route by them; default: host name and port), the base URL other nodes reach it on to forward a
+    # hangup or a sideband (default: http://<host>:<port>), and how often it refreshes its entries
+    # (they expire after three missed heartbeats).
+    node_id: str | None = Field(None, pattern=r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+    node_url: str | None = None
+    node_heartbeat_s: float = Field(2.0, gt=0)
     # Longest audio POST /v1/audio/transcriptions decodes (uploads are capped at 25 MB, as OpenAI's);
     # longer files get a 400 `audio_too_long` as soon as decoding passes the cap.
     transcription_max_duration_s: float = Field(600.0, gt=0)
@@ -276,10 +293,12 @@ _EXAMPLES: dict[str, str] = {
                  'OPENREALTIME_PROVIDERS=\'{"openai": {"base_url": "https://api.openai.com/v1"}}\'',
     "voice_aliases": 'e.g. OPENREALTIME_VOICE_ALIASES=\'{"dennis": "joe"}\'',
     "llm_model": "e.g. OPENREALTIME_LLM_MODEL=qwen2.5-0.5b (a registry name, a .gguf path or PROVIDER/MODEL)",
+    "node_id": "lower-case letters, digits and '-' (at most 32, not starting or ending with '-'), "
+               "e.g. OPENREALTIME_NODE_ID=node-a",
     "stt_model": "e.g. OPENREALTIME_STT_MODEL=whisper-base (whisper-tiny.en, whisper-base or a CTranslate2 "
                  "Whisper directory)",
 }
-_SECRETS = {"api_keys", "api_key", "playground_token", "turn_secret"}  # never echoed
+_SECRETS = {"api_keys", "api_key", "playground_token", "turn_secret", "state_url"}  # never echoed
 
 
 def _env_names() -> set[str]:

@@ -85,9 +85,13 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(extra_env: dict[str, str] | None = None, name: str = "server", preload: bool = True) -> Server:
-    """The server in a subprocess, once /healthz answers; `preload=False`: it listens while its models load."""
-    port = free_port()
+def start_server(extra_env: dict[str, str] | None = None, name: str = "server", preload: bool = True,
+                 port: int | None = None) -> Server:
+    """The server in a subprocess, once /healthz answers; `preload=False`: it listens while its models load.
+
+    `port`: a fixed one (a node restarted where its load balancer expects it); default: a free one.
+    """
+    port = port or free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log_path = ARTIFACTS / f"{name}-{port}.log"
     env = {

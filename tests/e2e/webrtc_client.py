@@ -27,7 +27,7 @@ from openrealtime.transports.webrtc import HostAddressPlan
 
 from .conftest import Server, assert_valid_server_event
 
-LOCATION = re.compile(r"^/v1/realtime/calls/(rtc_[A-Za-z0-9_]+)$")
+LOCATION = re.compile(r"^/v1/realtime/calls/(rtc_[A-Za-z0-9_-]+)$")  # `-`: node ids in shared-state call ids
 MIC_RATE = 48_000
 _FRAME = 960  # 20 ms at 48 kHz
 

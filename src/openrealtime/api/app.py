@@ -15,12 +15,14 @@ from ..config import Settings
 from ..engine import EngineContext
 from ..engine.ratelimit import RateLimiter
 from ..startup import Readiness
+from ..state import open_state
 from ..transports.webrtc import CallManager
 from .admission import Admission, readiness_response
 from .auth import KeyChecker, require_key
 from .calls import router as calls_router
-from .client_secrets import ClientSecrets, MemoryClientSecretStore
+from .client_secrets import ClientSecrets
 from .client_secrets import router as client_secrets_router
+from .cluster import Cluster
 from .errors import install_error_handlers
 from .metrics import router as metrics_router
 from .openai_compat import router as openai_compat_router
@@ -34,6 +36,8 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the app; models load lazily on first use (or eagerly with `preload`)."""
     llm = LLMRegistry(settings)
     speech = load_speech_backends(settings)
+    # Ephemeral keys, rate-limit buckets and the node/call registries: this process, or shared (Redis).
+    state = open_state(settings.state_url, prefix=settings.state_prefix, timeout_s=settings.state_timeout_s)
     ctx = EngineContext(
         resolve_llm=llm.resolve,
         default_model=settings.llm_model,
@@ -54,7 +58,9 @@ def create_app(settings: Settings) -> FastAPI:
         speculative_prefill=settings.llm_prefill,
         speculate_after_ms=settings.stt_speculate_ms,
         partial_transcript_ms=settings.stt_partial_interval_ms,
-        rate_limiter=RateLimiter(settings.rate_limit_requests_per_min, settings.rate_limit_tokens_per_min),
+        rate_limiter=RateLimiter(settings.rate_limit_requests_per_min, settings.rate_limit_tokens_per_min,
+                                 store=state.buckets if state.shared else None,
+                                 fail_open=settings.state_failure_policy == "open"),
         mcp=StreamableHttpMcp(),
         mcp_allowed_hosts=tuple(settings.mcp_allowed_hosts),
         mcp_timeout_s=settings.mcp_timeout_s,
@@ -69,13 +75,17 @@ def create_app(settings: Settings) -> FastAPI:
         if warm is not None:
             app.state.readiness.begin(())  # not ready from the first request on; warm_start names the models
         warming = asyncio.create_task(warm(app)) if warm is not None else None
+        cluster: Cluster = app.state.cluster
         try:
+            await cluster.start()
             yield
         finally:
             if warming is not None:
                 warming.cancel()
                 await asyncio.gather(warming, return_exceptions=True)
             await app.state.calls.close()
+            await cluster.stop()
+            await state.close()
             await llm.close()
             await speech.close()
 
@@ -91,7 +101,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.calls = CallManager(settings, ctx)
     app.state.admission = Admission(settings.max_sessions)  # WebSocket sessions + WebRTC calls on this node
     app.state.readiness = Readiness()  # the warm start's progress, for /readyz
-    app.state.client_secrets = ClientSecrets(MemoryClientSecretStore(), ttl_s=settings.client_secret_ttl_s)
+    app.state.state = state
+    app.state.cluster = Cluster(settings, state, app.state.admission, app.state.calls)
+    app.state.client_secrets = ClientSecrets(state.secrets, ttl_s=settings.client_secret_ttl_s)
     install_error_handlers(app)
     if settings.cors_origins:
         # Browser apps on other origins: SDKs add headers of their own (X-OpenAI-Agents-SDK,

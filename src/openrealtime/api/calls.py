@@ -28,6 +28,7 @@ from ..transports.webrtc import MAX_OFFER_BYTES, CallManager, InvalidOffer, Shut
 from .admission import admission_of
 from .auth import require_key, session_key
 from .client_secrets import starting_session
+from .cluster import FORWARDED_HEADER, Cluster
 from .errors import APIError
 
 router = APIRouter(dependencies=[Depends(require_key)])
@@ -198,9 +199,17 @@ async def create_call(request: Request, model: str | None = None) -> Response:
         secret = getattr(request.state, "client_secret", None)
         session, chosen_model = starting_session(secret, offer.session, chosen_model)
         manager = _manager(request)
+        cluster: Cluster = request.app.state.cluster
+        started: list[str] = []  # the call's id once it exists, for its registry entry
+
+        def ended() -> None:
+            slot.release()
+            if started:
+                cluster.call_ended(started[0])
+
+        account = session_key(request, secret)
         try:
-            call = await manager.create_call(offer.sdp, session, chosen_model, api_key=session_key(request, secret),
-                                             on_close=slot.release)
+            call = await manager.create_call(offer.sdp, session, chosen_model, api_key=account, on_close=ended)
         except InvalidOffer as exc:
             raise APIError(400, str(exc), code="invalid_offer", param="sdp") from exc
         except ShuttingDown as exc:
@@ -214,6 +223,9 @@ async def create_call(request: Request, model: str | None = None) -> Response:
     slot.closer = functools.partial(call.close, "server draining")
     if secret is not None:
         request.app.state.client_secrets.claim_call(call, secret)
+    if not call.closed:
+        started.append(call.id)
+        await cluster.claim(call.id, account, secret.digest if secret is not None else None)
     headers = {"Location": f"/v1/realtime/calls/{call.id}"}
     if wants_json(offer.dialect, request.headers.get("accept")):
         body = {"id": call.id, "sdp": call.answer_sdp, "ice_servers": manager.ice_servers()}
@@ -221,12 +233,25 @@ async def create_call(request: Request, model: str | None = None) -> Response:
     return Response(call.answer_sdp, status_code=201, media_type=SDP_MEDIA_TYPE, headers=headers)
 
 
-@router.post("/v1/realtime/calls/{call_id}/hangup")
-async def hangup_call(call_id: str, request: Request) -> dict[str, Any]:
-    """End a call from the server side (the client sees its connection close)."""
+@router.post("/v1/realtime/calls/{call_id}/hangup", response_model=None)
+async def hangup_call(call_id: str, request: Request) -> dict[str, Any] | Response:
+    """End a call from the server side (the client sees its connection close).
+
+    Another node's call (shared state) is hung up by its owner: the request is forwarded there.
+    """
+    call = _manager(request).get(call_id)
+    cluster: Cluster = request.app.state.cluster
+    if call is None and cluster.shared and FORWARDED_HEADER not in request.headers:
+        owner = await cluster.owner_of(call_id)
+        if owner is not None:
+            return await cluster.forward_hangup(owner, call_id, request.headers)
     secret = getattr(request.state, "client_secret", None)
-    if secret is not None and not request.app.state.client_secrets.owns_call(_manager(request).get(call_id), secret):
-        # An ephemeral key may only end the calls it made; others look as if they did not exist.
+    if secret is not None:
+        owned = request.app.state.client_secrets.owns_call(call, secret)
+    else:  # the account that placed it (as for a sideband); anyone on an open server
+        owned = call is None or session_key(request) == getattr(call.session, "api_key", None)
+    if not owned:
+        # A key may only end the calls it (or an ek it minted) made; others look as if they did not exist.
         raise APIError(404, f"Call '{call_id}' not found.", code="call_not_found", param="call_id")
     if not await _manager(request).hangup(call_id):
         raise APIError(404, f"Call '{call_id}' not found.", code="call_not_found", param="call_id")

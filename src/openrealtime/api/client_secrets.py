@@ -12,21 +12,17 @@ with that same ek. Everywhere else, minting another ek included, it is refused w
 on. A call or WebSocket made with an ek starts from the ek's session config, with the request's own
 session (and `?model=`) merged over it.
 
-Secrets live in a `ClientSecretStore` keyed by the SHA-256 of the value (the value itself is never
-stored). `MemoryClientSecretStore` serves one process; a shared store (e.g. Redis: `SET <digest>
-<json> EX <ttl + grace>`, `GET <digest>`) implements the same three coroutines for several workers.
+Secrets live in a `ClientSecretStore` (state/secrets.py) keyed by the SHA-256 of the value (the
+value itself is never stored): in memory for one node, in Redis (`state_url`) for several.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import secrets
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -35,6 +31,14 @@ from ..engine import EngineContext, InvalidSessionConfig, RealtimeSession
 from ..protocol.errors import ProtocolError, from_validation_error
 from ..protocol.limits import loads_limited
 from ..protocol.session import READ_ONLY_FIELDS, deep_merge
+from ..state import StateUnavailable
+from ..state.secrets import (  # noqa: F401  (re-exported: where they used to live)
+    ClientSecret,
+    ClientSecretStore,
+    MemoryClientSecretStore,
+    StoreFull,
+    secret_digest,
+)
 from .auth import require_key, session_key
 from .errors import APIError
 
@@ -44,98 +48,10 @@ MAX_TTL_S = 7200
 MAX_REQUEST_BYTES = 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class ClientSecret:
-    """What the server remembers about one ek (never the value itself)."""
-
-    digest: str  # sha256 hex of the value
-    created_at: int
-    expires_at: int
-    # The session config the request gave (read-only fields dropped); sessions start from it.
-    session: dict[str, Any] | None = None
-    # Who minted it, for rate limits: sessions made with the ek count against this account, so
-    # minting many eks does not multiply a key's limits. None only for secrets stored before.
-    account: str | None = None
-
-    def expired(self, now: float) -> bool:
-        return now >= self.expires_at
-
-    def to_json(self) -> str:
-        return json.dumps({"digest": self.digest, "created_at": self.created_at,
-                           "expires_at": self.expires_at, "session": self.session, "account": self.account})
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> ClientSecret:
-        return cls(**json.loads(text))
-
-
-def secret_digest(value: str) -> str:
-    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-class StoreFull(Exception):
-    """The store holds as many live secrets as it may."""
-
-
-class ClientSecretStore(Protocol):
-    """Where secrets live. `get` keeps answering for a while after expiry so that a late user is
-    told "expired" rather than "unknown"."""
-
-    async def add(self, secret: ClientSecret) -> None: ...  # may raise StoreFull
-
-    async def get(self, digest: str) -> ClientSecret | None: ...
-
-    async def close(self) -> None: ...
-
-
-class MemoryClientSecretStore:
-    """A bounded in-process store with expiry.
-
-    Lookups are one dict access by digest: the time taken depends on a hash of what the caller
-    sent, never on how much of a real secret it matches. Expired secrets are kept for `grace_s`
-    (to say "expired"), then purged, at most every `purge_every_s` and whenever the store is full.
-    """
-
-    def __init__(self, max_entries: int = 10_000, grace_s: float = 3600.0, purge_every_s: float = 60.0,
-                 clock: Callable[[], float] = time.time):
-        self.max_entries = max_entries
-        self.grace_s = grace_s
-        self.purge_every_s = purge_every_s
-        self._clock = clock
-        self._by_digest: dict[str, ClientSecret] = {}
-        self._last_purge = clock()
-
-    def __len__(self) -> int:
-        return len(self._by_digest)
-
-    def purge(self, *, keep_grace: bool = True) -> int:
-        """Drop expired secrets (only those past the grace period when `keep_grace`); returns how many."""
-        now = self._clock()
-        cutoff = now - (self.grace_s if keep_grace else 0.0)
-        dead = [d for d, s in self._by_digest.items() if s.expires_at <= cutoff]
-        for digest in dead:
-            del self._by_digest[digest]
-        self._last_purge = now
-        return len(dead)
-
-    def _maybe_purge(self) -> None:
-        if self._clock() - self._last_purge >= self.purge_every_s:
-            self.purge()
-
-    async def add(self, secret: ClientSecret) -> None:
-        self._maybe_purge()
-        if len(self._by_digest) >= self.max_entries:
-            self.purge(keep_grace=False)
-            if len(self._by_digest) >= self.max_entries:
-                raise StoreFull(f"{self.max_entries} client secrets are live")
-        self._by_digest[secret.digest] = secret
-
-    async def get(self, digest: str) -> ClientSecret | None:
-        self._maybe_purge()
-        return self._by_digest.get(digest)
-
-    async def close(self) -> None:
-        self._by_digest.clear()
+def _store_down() -> APIError:
+    return APIError(503, "Ephemeral keys cannot be minted or checked right now (the shared state store is "
+                    "unreachable); try again shortly.", type="server_error", code="state_unavailable",
+                    headers={"Retry-After": "5"})
 
 
 class ClientSecrets:
@@ -155,6 +71,8 @@ class ClientSecrets:
         secret = ClientSecret(secret_digest(value), now, now + (seconds or self.ttl_s), stored or None, account)
         try:
             await self.store.add(secret)
+        except StateUnavailable as exc:
+            raise _store_down() from exc
         except StoreFull as exc:
             raise APIError(429, "Too many live client secrets on this server; try again later.",
                            type="rate_limit_error", code="too_many_client_secrets") from exc
@@ -162,7 +80,10 @@ class ClientSecrets:
 
     async def resolve(self, value: str) -> ClientSecret:
         """The secret for a presented ek, or a 401 APIError (unknown or expired)."""
-        secret = await self.store.get(secret_digest(value))
+        try:
+            secret = await self.store.get(secret_digest(value))
+        except StateUnavailable as exc:
+            raise _store_down() from exc
         if secret is None:
             raise APIError(401, "Incorrect ephemeral key provided: it is unknown to this server (mint one with "
                            "POST /v1/realtime/client_secrets).", code="invalid_api_key",

@@ -15,6 +15,7 @@ from ..transports.websocket import serve_websocket
 from .admission import Slot, admission_of
 from .auth import authenticate_session, session_key
 from .client_secrets import ClientSecret, starting_session
+from .cluster import FORWARDED_HEADER, Cluster
 from .errors import APIError, error_response
 
 router = APIRouter()
@@ -90,7 +91,16 @@ async def realtime_websocket(ws: WebSocket, model: str | None = None, call_id: s
 async def _sideband(ws: WebSocket, call_id: str) -> None:
     """`?call_id=`: the same authentication, then attach to the call (refusals before upgrading)."""
     try:
-        call = _sideband_call(ws, call_id, await authenticate_session(ws))
+        secret = await authenticate_session(ws)
+        cluster: Cluster = ws.app.state.cluster
+        manager = getattr(ws.app.state, "calls", None)
+        if (cluster.shared and FORWARDED_HEADER not in ws.headers
+                and (manager is None or manager.get(call_id) is None)):
+            owner = await cluster.owner_of(call_id)  # another node's call: its owner serves the sideband
+            if owner is not None:
+                await cluster.proxy_sideband(ws, owner, call_id)
+                return
+        call = _sideband_call(ws, call_id, secret)
     except APIError as exc:
         await ws.send_denial_response(error_response(exc))
         return

@@ -10,7 +10,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -276,6 +276,8 @@ class ResponseRun:
         self.task: asyncio.Task[None] | None = None
         self._created = False  # response.created sent
         self._ended = False  # response.done sent
+        # Asked before `response.created` when rate limits live in a shared store (session.py).
+        self.admit: Callable[[], Awaitable[bool]] | None = None
         # Snapshot of the context now: items the client adds later belong to the next turn.
         self._source = spec.input if spec.input is not None else list(session.conversation)
         # Output items go into the conversation right after the snapshot, whatever is added meanwhile.
@@ -417,6 +419,10 @@ class ResponseRun:
 
     async def run(self) -> None:
         emit = self.session.emit
+        if self.admit is not None and not await self.admit():
+            self._ended = True  # refused (shared rate limit): never created, so no response.done either
+            self.session.response_refused(self)
+            return
         self._created = True
         emit(ev.ResponseCreated(response=self.snapshot()))
         finished: Finished | None = None

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -136,6 +137,8 @@ class RealtimeSession:
         self.input_audio: dict[str, bytes] = {}  # committed user audio (16 kHz) by item id
         self.spoken: dict[str, SpokenAudio] = {}  # assistant audio by item id
         self._idle_task: asyncio.Task | None = None
+        # Rate-limit charges against a shared store, still in flight (cancelled on close).
+        self._side_tasks: set[asyncio.Task[None]] = set()
         # Stage marks of the turn being answered (see ResponseRun.marks); logged per response.
         self.turn_marks: dict[str, float] = {}
         self._audio_out_marks: dict[str, dict[str, float]] = {}
@@ -245,7 +248,7 @@ class RealtimeSession:
     async def close(self) -> None:
         if self.closed:
             return
-        tasks = [run.task for run in self._runs.values() if run.task is not None]
+        tasks = [run.task for run in self._runs.values() if run.task is not None] + list(self._side_tasks)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -589,15 +592,18 @@ class RealtimeSession:
                 f"Conversation already has an active response in progress: {self._active.id}. "
                 "Wait until the response is finished before creating a new one.",
                 code="conversation_already_has_active_response")
-        self._start_response(event.response)
+        self._start_response(event.response, event.event_id)
 
-    def _start_response(self, config: ev.ResponseConfig | None) -> ResponseRun:
+    def _start_response(self, config: ev.ResponseConfig | None, event_id: str | None = None) -> ResponseRun:
         spec = resolve(self, config)
         limiter = self.ctx.rate_limiter
-        if limiter is not None and (refused := limiter.try_start(self.api_key)) is not None:
+        shared = limiter is not None and limiter.enabled and limiter.shared
+        if limiter is not None and not shared and (refused := limiter.try_start(self.api_key)) is not None:
             raise ProtocolError(refused.message, code="rate_limit_exceeded", type=refused.name)
         self._cancel_idle_timer()
         run = ResponseRun(self, spec)
+        if shared:  # the shared buckets are asked by the run itself, before `response.created`
+            run.admit = functools.partial(self._admit_shared, event_id)
         self._runs[run.id] = run
         if spec.in_conversation:
             self._active = run
@@ -613,10 +619,44 @@ class RealtimeSession:
         except ProtocolError as exc:
             self.emit(ev.ErrorEvent(error=exc.detail(None)))
 
+    async def _admit_shared(self, event_id: str | None) -> bool:
+        """Take a request from the key's shared buckets; a refusal is an `error` event, as on one node."""
+        limiter = self.ctx.rate_limiter
+        assert limiter is not None
+        refused = await limiter.try_start_shared(self.api_key)
+        if refused is None:
+            return True
+        self.emit(ev.ErrorEvent(error=ProtocolError(refused.message, code=refused.code,
+                                                    type=refused.type).detail(event_id)))
+        return False
+
+    async def _charge_shared(self, tokens: int) -> None:
+        limiter = self.ctx.rate_limiter
+        assert limiter is not None
+        rate_limits = await limiter.charge_shared(self.api_key, tokens)
+        if rate_limits is not None:
+            self.emit(ev.RateLimitsUpdated(rate_limits=rate_limits))
+
+    def response_refused(self, run: ResponseRun) -> None:
+        """A run the shared rate limit refused before `response.created`: as if it never started."""
+        self._runs.pop(run.id, None)
+        if self._active is run:
+            self._active = None
+            if self._auto_response_pending and not self.closed:
+                self._auto_response_pending = False
+                self._start_auto_response()
+
     def _report_rate_limits(self, run: ResponseRun) -> None:
         """Charge the response's tokens to the key and send `rate_limits.updated`."""
         limiter = self.ctx.rate_limiter
         if limiter is None:
+            return
+        if limiter.shared:
+            if limiter.enabled and not self.closed:
+                tokens = 0 if run.usage is None else run.usage.prompt_tokens + run.usage.completion_tokens
+                task = asyncio.create_task(self._charge_shared(tokens), name=f"rate-limits-{run.id}")
+                self._side_tasks.add(task)
+                task.add_done_callback(self._side_tasks.discard)
             return
         if run.usage is not None:
             limiter.add_tokens(self.api_key, run.usage.prompt_tokens + run.usage.completion_tokens)

@@ -360,8 +360,9 @@ def frame_to_mono_pcm16(frame: av.AudioFrame) -> bytes:
 # --------------------------------------------------------------------------- calls
 
 
-def new_call_id() -> str:
-    return f"rtc_{secrets.token_hex(12)}"
+def new_call_id(prefix: str = "rtc_") -> str:
+    """`rtc_<24 hex>`; with shared state the prefix names the owning node (`rtc_<node>_`)."""
+    return f"{prefix}{secrets.token_hex(12)}"
 
 
 class Call:
@@ -369,7 +370,7 @@ class Call:
 
     def __init__(self, manager: CallManager, session: RealtimeSession, model: str | None,
                  on_close: Callable[[], None] | None = None):
-        self.id = new_call_id()
+        self.id = new_call_id(manager.call_id_prefix)
         self.session = session
         self.model = model
         self.answer_sdp = ""
@@ -652,6 +653,8 @@ class CallManager:
         # player) the session speaks through it. Tests may substitute a plain SilenceTrack.
         self.outgoing_audio_factory: Callable[[], MediaStreamTrack] = PacedAudioTrack
         self._calls: dict[str, Call] = {}
+        # Several nodes (api/cluster.py) put the owner's node id in the call id: `rtc_<node>_`.
+        self.call_id_prefix = "rtc_"
         self._closers: set[asyncio.Task[None]] = set()
         self._shut_down = False
         # aioice logs every connectivity check at INFO; keep server logs readable by default.
@@ -674,6 +677,9 @@ class CallManager:
 
     def __len__(self) -> int:
         return len(self._calls)
+
+    def live(self) -> list[Call]:
+        return list(self._calls.values())
 
     async def create_call(
         self, offer_sdp: str, session: dict[str, Any] | None = None, model: str | None = None,

@@ -195,6 +195,19 @@ async def call_via(server: Server) -> tuple[Peer, str]:
     return peer, call_id
 
 
+async def assert_new_calls_land_on(cluster: Cluster, node_id: str, n: int) -> None:
+    """`n` calls placed through the balancer are all owned by `node_id` (then hung up)."""
+    peers: list[tuple[Peer, str]] = []
+    try:
+        for _ in range(n):
+            peers.append(await call_via(cluster.lb))
+        assert [owner(c) for _, c in peers] == [node_id] * n
+    finally:
+        for peer, call_id in peers:
+            await hangup(cluster.lb, call_id)
+            await peer.close()
+
+
 async def still_talks(peer: Peer, instructions: str) -> None:
     """The call's session answers over its data channel (it is alive and served)."""
     peer.send({"type": "session.update", "session": {**TEXT_SESSION, "instructions": instructions}})
@@ -380,13 +393,7 @@ async def test_a_killed_node_expires_from_the_registry_and_new_calls_land_on_the
         assert response.status_code == 404 and response.json()["error"]["code"] == "call_not_found"
         # HAProxy's health check takes node-a out (fall 2 at 1 s); every new call lands on node-b.
         await asyncio.sleep(2.5)
-        peers = [await call_via(cluster.lb) for _ in range(3)]
-        try:
-            assert [owner(c) for _, c in peers] == ["node-b"] * 3
-        finally:
-            for other, other_id in peers:
-                await hangup(cluster.lb, other_id)
-                await other.close()
+        await assert_new_calls_land_on(cluster, "node-b", 3)
     finally:
         await peer.close()
     # node-a comes back where the balancer expects it, for the drain test.
@@ -416,13 +423,7 @@ async def test_a_draining_node_keeps_its_live_call_and_refuses_new_ones(cluster:
             await refused.close()
         assert response.status_code == 503 and response.json()["error"]["code"] == "draining", response.text
         await asyncio.sleep(2.5)  # out of the balancer's rotation (fall 2 at 1 s)
-        peers = [await call_via(cluster.lb) for _ in range(2)]
-        try:
-            assert [owner(c) for _, c in peers] == ["node-b"] * 2
-        finally:
-            for other, other_id in peers:
-                await hangup(cluster.lb, other_id)
-                await other.close()
+        await assert_new_calls_land_on(cluster, "node-b", 2)
         await still_talks(peer, "Still here while draining.")  # the live call goes on
         assert (await hangup(b, call_id)).status_code == 200  # forwarded to the draining owner
         await asyncio.wait_for(peer.closed.wait(), 20)

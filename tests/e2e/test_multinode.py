@@ -360,9 +360,12 @@ async def test_with_redis_down_the_documented_policy_holds_and_everything_comes_
         assert not peer.closed.is_set()
 
         cluster.redis.start()
-        await cluster.wait_for(lambda: cluster.get(f"call:{call_id}"), "A's heartbeat to rewrite its call")
-        assert (await cluster.get(f"call:{call_id}"))["node_id"] == "node-a"  # rewritten by A's heartbeat
-        assert [k.removeprefix(PREFIX) for k in await cluster.keys("node:*")] == ["node:node-a", "node:node-b"]
+        async def rewritten() -> bool:  # by the heartbeats: A's call and both nodes
+            nodes = [k.removeprefix(PREFIX) for k in await cluster.keys("node:*")]
+            return nodes == ["node:node-a", "node:node-b"] and await cluster.get(f"call:{call_id}") is not None
+
+        await cluster.wait_for(rewritten, "the heartbeats to write the registry again")
+        assert (await cluster.get(f"call:{call_id}"))["node_id"] == "node-a"
         async with http(b) as client:
             assert (await client.post("/v1/realtime/client_secrets", json={})).status_code == 200
         assert (await hangup(b, call_id)).status_code == 200

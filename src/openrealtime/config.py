@@ -119,8 +119,9 @@ class Settings(BaseSettings):
     # Evaluate a turn's prompt during the silence wait, from the speculative transcript (local models).
     llm_prefill: bool = False
     # Quiet (ms) inside a turn after which the turn so far is transcribed speculatively (thrown away
-    # if the user goes on); capped at half of server_vad's silence_duration_ms.
-    stt_speculate_ms: int = Field(default=200, ge=20, le=2000)
+    # if the user goes on); capped at half of server_vad's silence_duration_ms. 0 = never (no
+    # speculative transcript or LLM prefill: the transcript starts when the turn ends; less CPU).
+    stt_speculate_ms: int = Field(default=200, ge=0, le=2000)
     # Allow sessions to pick any local .gguf path through the session `model` field.
     allow_model_paths: bool = False
     model_cache_dir: Path = Field(

@@ -220,6 +220,45 @@ async def test_event_loop_stays_responsive(backend: LlamaCppBackend) -> None:
     assert max(gaps, default=0) < 0.5
 
 
+async def test_non_finite_logits_reset_the_cache_and_the_request_starts_over(model_path: Path) -> None:
+    """One NaN in the KV cache would reach every later reply (masked cells still multiply in as
+    0 x NaN); the backend resets the whole cache instead. A request that has output nothing yet
+    starts over unseen; one caught mid-reply fails; the next ones are answered as before. The NaN is
+    injected where llama.cpp's logits are read (a real one cannot be made on demand)."""
+    import numpy as np
+
+    from openrealtime.backends.llm import LLMError
+
+    llm = await asyncio.to_thread(LlamaCppBackend, model_path, n_ctx=512, n_threads=1, name="smollm2-nan")
+    real = llm._row_logits
+    plan = {"skip": 0, "poison": 0}
+
+    def poisoned(row: int) -> np.ndarray:
+        logits = real(row)
+        if plan["skip"]:
+            plan["skip"] -= 1
+        elif plan["poison"]:
+            plan["poison"] -= 1
+            logits[:] = np.nan
+        return logits
+
+    llm._row_logits = poisoned  # type: ignore[method-assign]
+    try:
+        expected, _, _ = await collect(llm, ask("Name a fruit."))
+        assert any(slot.tokens for slot in llm._slots)
+        plan["poison"] = 1  # the new prompt's logits: nothing was output yet
+        again, finished, _ = await collect(llm, ask("Name a fruit."))
+        assert again == expected and finished.finish_reason in ("stop", "length")
+        assert llm.cache["resets"] == 1
+        plan["skip"], plan["poison"] = 3, 1  # mid-reply: it cannot start over unseen
+        with pytest.raises(LLMError) as failed:
+            await collect(llm, ask("Name three colors."))
+        assert failed.value.code == "model_error" and llm.cache["resets"] == 2
+        assert (await collect(llm, ask("Name a fruit.")))[0] == expected  # clean cache, same answer
+    finally:
+        await llm.close()
+
+
 async def test_chat_template_renders_system_message(backend: LlamaCppBackend) -> None:
     prompt = backend.render_prompt([ChatMessage("system", "You are a pirate."), ChatMessage("user", "Hi")])
     assert prompt.startswith("<|im_start|>system\nYou are a pirate.<|im_end|>\n")

@@ -180,6 +180,9 @@ def test_speculation_starts_after_the_configured_quiet():
     assert began_after(VadTurnDetector(0.5, 1200, 32)) == 224  # the default 200 ms, in 32 ms frames
     assert began_after(VadTurnDetector(0.5, 1200, 32, speculate_ms=100)) == 128
     assert began_after(VadTurnDetector(0.5, 300, 32, speculate_ms=400)) == 160  # half of 300
+    off = VadTurnDetector(0.5, 300, 32, speculate_ms=0)  # 0: never; the turn still ends on time
+    events = [e for i, p in enumerate([0.9] * 10 + [0.0] * 20) for e in off.feed(p, i * 32)]
+    assert [type(e) for e in events] == [SpeechStarted, SpeechStopped]
 
 
 async def test_server_vad_turn_over_websocket():

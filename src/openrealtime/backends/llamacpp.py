@@ -299,7 +299,7 @@ def sample_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Ge
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1
         idx, cand = idx[:keep], cand[:keep]
     if 0 < params.min_p < 1:
-        keep = int(np.count_nonzero(cand - cand[0] >= np.log(params.min_p)))  # sorted: a prefix
+        keep = max(1, int(np.count_nonzero(cand - cand[0] >= np.log(params.min_p))))  # sorted: a prefix
         idx, cand = idx[:keep], cand[:keep]
     scaled = (cand - cand[0]) / params.temperature
     probs = np.exp(scaled)
@@ -437,9 +437,12 @@ class _Request:
     started: float | None = None  # when its first evaluation began (its queue wait is recorded then)
     served: float = 0.0  # when its last evaluation completed: the oldest go first in a full step
     finished: bool = False
+    emitted: bool = False  # some output reached the consumer (it can no longer start over unseen)
+    restarted: bool = False  # started over once already (after a cache reset)
 
     def emit(self, item: LLMEvent | BaseException) -> None:
         """Hand an event to the consumer's loop; a closed loop means nobody is listening anymore."""
+        self.emitted = self.emitted or not isinstance(item, BaseException)
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
         except RuntimeError:
@@ -600,7 +603,7 @@ class LlamaCppBackend:
         # another slot, slots evicted for another conversation, decode steps and their sequences.
         self.stats = {"completed": 0, "cancelled": 0, "skipped": 0}
         self.cache = {"evaluated": 0, "reused": 0, "shared_prefix": 0, "evicted": 0, "steps": 0,
-                      "sequences": 0, "overloaded": 0}
+                      "sequences": 0, "overloaded": 0, "resets": 0}
         self._m_wait = telemetry.LLM_QUEUE_WAIT.labels(self.name)
         self._m_batch = telemetry.LLM_BATCH_SIZE.labels(self.name)
         self._m_decode = telemetry.LLM_DECODE_SECONDS.labels(self.name)
@@ -973,6 +976,7 @@ class LlamaCppBackend:
         self.cache["sequences"] += len(parts)
         row = -1
         resume: list[_Request] = []
+        poisoned = False
         for req, take in parts:
             op, slot = req.op, req.slot
             row += take
@@ -988,8 +992,42 @@ class LlamaCppBackend:
                 req.logits = self._row_logits(row) if op.want_logits else None
                 req.op, req.served = None, now
                 resume.append(req)
+                poisoned = poisoned or (req.logits is not None and not np.isfinite(req.logits).all())
+        if poisoned:
+            self._recover_from_nan("llama.cpp returned non-finite logits (NaN/inf)")
+            return
         for req in resume:
             self._advance(req)
+
+    def _recover_from_nan(self, why: str) -> None:
+        """Forget every conversation's cache and zero its memory, then start the requests in progress
+        over (those that have not output anything yet; the others fail).
+
+        A NaN written to the KV cache reaches every sequence, not only its own: attention multiplies
+        masked-out cells by 0, and 0 x NaN is NaN. Left alone, one bad evaluation would make every
+        later reply of this model fail; after the reset the next evaluations start from a clean cache.
+        """
+        self.cache["resets"] += 1
+        self._reset_cache()  # llama_kv_cache_clear zeroes the cache's buffers too
+        for slot in self._slots:
+            slot.key = None
+        again = [r for r in self._active if not r.finished and not r.emitted and not r.restarted]
+        lost = [r for r in self._active if not r.finished and r not in again]
+        logger.error("%s: %s: cleared the whole KV cache; %d request(s) start over, %d fail", self.name, why,
+                     len(again), len(lost))
+        exc = LLMError("The model produced invalid numbers (NaN) in the middle of this reply; its cache was "
+                       "reset. Please try again.", code="model_error")
+        for req in lost:
+            self._fail(req, exc)
+        for req in reversed(again):
+            self._active.remove(req)
+            steps, req.steps, req.op, req.logits = req.steps, None, None, None
+            with contextlib.suppress(Exception):
+                steps.close()  # type: ignore[union-attr]
+            if req.slot is not None and req.slot.user is req:
+                req.slot.user = None
+            req.slot, req.restarted = None, True
+            self._waiting.appendleft(req)
 
     def _decode_parts(self, parts: list[tuple[_Request, int]]) -> int:
         """Fill the batch with each request's next `take` tokens (its own sequence) and decode."""

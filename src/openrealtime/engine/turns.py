@@ -71,7 +71,8 @@ class VadTurnDetector:
         self.threshold = threshold
         self.silence_duration_ms = silence_duration_ms
         self.frame_ms = frame_ms
-        self.speculate_ms = speculate_ms  # quiet before SilenceBegan (at most half the silence wait)
+        # Quiet before SilenceBegan (at most half the silence wait); 0 = never speculate.
+        self.speculate_ms = speculate_ms
         self.in_speech = False
         self._run = 0  # consecutive speech frames while idle
         self._run_start_ms = 0
@@ -125,7 +126,8 @@ class VadTurnDetector:
             self._quiet_since = frame_start_ms
         quiet_ms = frame_end_ms - self._quiet_since
         # Speculate once the pause is long enough to be more than a gap between words.
-        if not self._speculated and quiet_ms >= min(self.speculate_ms, self.silence_duration_ms / 2):
+        if (not self._speculated and self.speculate_ms > 0
+                and quiet_ms >= min(self.speculate_ms, self.silence_duration_ms / 2)):
             self._speculated = True
             events.append(SilenceBegan(int(self._quiet_since)))
         # After SilenceBegan: speculative STT starts before an end-of-turn check, so a turn the model

@@ -39,6 +39,7 @@ from openrealtime.backends.llm import ChatMessage, GenerationParams, ToolCall, T
 from openrealtime.config import Settings  # noqa: E402
 
 LINE = re.compile(r"(call probability|name confidence) ([0-9.]+)")
+NAMES = re.compile(r"; names ((?:\S+=[0-9.]+ ?)+)$")
 
 
 class _Signals(logging.Handler):
@@ -47,10 +48,14 @@ class _Signals(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.values: dict[str, float] = {}
+        self.names: dict[str, dict[str, float]] = {}  # "names": each function's probability
 
     def emit(self, record: logging.LogRecord) -> None:
-        if match := LINE.search(record.getMessage()):
+        message = record.getMessage()
+        if match := LINE.search(message):
             self.values.setdefault(match.group(1), float(match.group(2)))
+        if (names := NAMES.search(message)) and "names" not in self.names:
+            self.names["names"] = {k: float(v) for k, v in (pair.split("=") for pair in names.group(1).split())}
 
 
 def messages(case: Case, instructions: str) -> list[ChatMessage]:
@@ -78,7 +83,7 @@ async def probe(model: str, signals: _Signals) -> list[dict[str, Any]]:
     floors = llamacpp.CALL_FLOOR, llamacpp.CALL_THRESHOLD_AFTER_RESULT
     try:
         for case in CASES:
-            signals.values = {}
+            signals.values, signals.names = {}, {}
             llamacpp.CALL_FLOOR = llamacpp.CALL_THRESHOLD_AFTER_RESULT = 0.0  # read both signals always
             try:
                 stream = llm.stream(messages(case, settings.default_instructions),
@@ -91,8 +96,11 @@ async def probe(model: str, signals: _Signals) -> list[dict[str, Any]]:
             p_call = signals.values.get("call probability", 0.0)
             confidence = signals.values.get("name confidence")
             kind = "follow-up" if case.prior_call else "call" if case.calls else "none"
+            names = sorted(signals.names.get("names", {}).items(), key=lambda kv: -kv[1])
             rows.append({"id": case.id, "kind": kind, "needs_call": bool(case.calls), "p_call": p_call,
-                         "name_confidence": confidence, "calls": decision(case, p_call, confidence)})
+                         "name_confidence": confidence, "calls": decision(case, p_call, confidence),
+                         "expected": [c.name for c in case.calls],
+                         "names": dict(names)})
     finally:
         await llm.close()
     return rows
@@ -101,11 +109,14 @@ async def probe(model: str, signals: _Signals) -> list[dict[str, Any]]:
 def print_table(model: str, rows: list[dict[str, Any]]) -> None:
     print(f"\n{model}: call when p_call >= {llamacpp.CALL_FLOOR} (after a result "
           f"{llamacpp.CALL_THRESHOLD_AFTER_RESULT}) and name confidence >= {llamacpp.NAME_CONFIDENCE}")
-    print(f"{'case':18} {'kind':10} {'p_call':>7} {'name conf':>10} {'opens call':>11} {'right':>6}")
+    print(f"{'case':18} {'kind':10} {'p_call':>7} {'name conf':>10} {'opens call':>11} {'right':>6}  "
+          f"{'expected':22} first / second name")
     for r in rows:
         conf = "-" if r["name_confidence"] is None else f"{r['name_confidence']:.2f}"
         mark = "" if r["calls"] == r["needs_call"] else "NO"
-        print(f"{r['id']:18} {r['kind']:10} {r['p_call']:7.2f} {conf:>10} {r['calls']!s:>11} {mark:>6}")
+        ranked = " / ".join(f"{k} {v:.2f}" for k, v in list(r["names"].items())[:2])
+        print(f"{r['id']:18} {r['kind']:10} {r['p_call']:7.2f} {conf:>10} {r['calls']!s:>11} {mark:>6}  "
+              f"{','.join(r['expected']):22} {ranked}")
     wrong = sum(r["calls"] != r["needs_call"] for r in rows)
     print(f"decisions right: {len(rows) - wrong}/{len(rows)}")
 

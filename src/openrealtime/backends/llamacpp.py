@@ -1455,8 +1455,9 @@ class LlamaCppBackend:
             yield from guide.tool_call(tools, name, on_name, opening=opening,
                                        min_confidence=min_confidence if index == 0 else 0.0)
             if index == 0 and guide.name_confidence is not None:
-                logger.debug("%s: name confidence %.2f (needed %.2f)", self.name, guide.name_confidence,
-                             min_confidence)
+                logger.debug("%s: name confidence %.2f (needed %.2f); names %s", self.name, guide.name_confidence,
+                             min_confidence, " ".join(f"{k}={v:.3f}" for k, v in sorted(
+                                 guide.name_probabilities.items(), key=lambda kv: -kv[1])))
             if guide.declined:
                 return -1, False
             squeezed = guide.squeezes > squeezes  # the budget shortened this call

@@ -518,6 +518,15 @@ def name_confidence(logits: np.ndarray, first_tokens: Iterable[int]) -> float:
     return float(p[ids].max())
 
 
+def name_probabilities(logits: np.ndarray, first_tokens: dict[str, int]) -> dict[str, float]:
+    """Each function's share of the model's next token (its name's first token), out of the whole
+    vocabulary; names that share a first token share its probability."""
+    x = logits.astype(np.float64)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    return {name: float(p[token]) for name, token in first_tokens.items()}
+
+
 def call_key(name: str, arguments: str) -> tuple[str, str]:
     """A call's identity for spotting repeats: the name and the arguments re-serialised with sorted
     keys (when they are JSON)."""
@@ -892,6 +901,7 @@ class GuidedDecoder:
         # The model's probability on the function name it favours, read when `tool_call` is given a
         # `min_confidence`; `declined`: it was below, and nothing was chosen.
         self.name_confidence: float | None = None
+        self.name_probabilities: dict[str, float] = {}  # each function's, with the confidence
         self.declined = False
 
     # ---- committing output
@@ -1420,6 +1430,9 @@ class GuidedDecoder:
                 yield from self._flush()
                 firsts = [self._tokens(n)[0] for n in names if self._tokens(n)]
                 self.name_confidence = name_confidence(self.lm.logits(), firsts)
+                self.name_probabilities = name_probabilities(
+                    self.lm.logits(), {t.name: self._tokens(n)[0] for t, n in zip(specs, names, strict=True)
+                                       if self._tokens(n)})
                 if self.name_confidence < min_confidence:
                     self.declined = True
                     return

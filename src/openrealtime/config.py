@@ -15,6 +15,8 @@ from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from .state.base import NODE_ID_RE
+
 ENV_PREFIX = "OPENREALTIME_"
 
 
@@ -211,7 +213,7 @@ class Settings(BaseSettings):
     # route by them; default: host name and port), the base URL other nodes reach it on to forward a
     # hangup or a sideband (default: http://<host>:<port>), and how often it refreshes its entries
     # (they expire after three missed heartbeats).
-    node_id: str | None = Field(None, pattern=r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+    node_id: str | None = Field(None, pattern=NODE_ID_RE.pattern)
     node_url: str | None = None
     node_heartbeat_s: float = Field(2.0, gt=0)
     # Longest audio POST /v1/audio/transcriptions decodes (uploads are capped at 25 MB, as OpenAI's);

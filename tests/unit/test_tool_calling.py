@@ -30,7 +30,7 @@ from openrealtime.backends.tool_calling import (
     generic_tools_prompt,
     grounded,
     minimal_value,
-    name_confidence,
+    name_probabilities,
     name_stem,
     parse_tool_calls,
     template_messages,
@@ -542,9 +542,15 @@ def test_name_guard_rules_out_the_tokens_that_complete_a_name():
 
 def test_name_confidence_is_the_likeliest_first_token_of_a_name():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
-    assert name_confidence(logits, [1, 2]) == pytest.approx(0.3)
-    assert name_confidence(logits, [2, 2, 3]) == pytest.approx(0.15)  # names sharing a first token count once
-    assert name_confidence(logits, []) == 0.0
+
+    def confidence(first_tokens: dict[str, int]) -> float:  # how GuidedDecoder.tool_call derives it
+        return max(name_probabilities(logits, first_tokens).values(), default=0.0)
+
+    assert confidence({"a": 1, "b": 2}) == pytest.approx(0.3)
+    # names sharing a first token count once
+    assert confidence({"a": 2, "b": 2, "c": 3}) == pytest.approx(0.15)
+    assert name_probabilities(logits, {"a": 2, "b": 2})["b"] == pytest.approx(0.15)
+    assert confidence({}) == 0.0
 
 
 def test_a_call_the_model_is_unsure_of_is_declined_before_a_name_is_chosen():

@@ -312,7 +312,7 @@ def sample_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Ge
 #    tool_calling.call_probability) must reach CALL_FLOOR, after a tool result (the reply should
 #    answer from it) CALL_THRESHOLD_AFTER_RESULT;
 # 2. with the call opening then written, the model must be sure which function it calls
-#    (tool_calling.name_confidence >= NAME_CONFIDENCE), else the opening is taken back and the
+#    (the likeliest of tool_calling.name_probabilities >= NAME_CONFIDENCE), else the opening is taken back and the
 #    reply is text.
 # Neither alone separates the cases: read with `bench/tool_probe.py` over bench/tool_cases.py with
 # qwen2.5-1.5b, requests needing a tool have 0.33-0.90 on (1) and 0.74-1.00 on (2); requests needing
@@ -1455,9 +1455,11 @@ class LlamaCppBackend:
             yield from guide.tool_call(tools, name, on_name, opening=opening,
                                        min_confidence=min_confidence if index == 0 else 0.0)
             if index == 0 and guide.name_confidence is not None:
-                logger.debug("%s: name confidence %.2f (needed %.2f); names %s", self.name, guide.name_confidence,
-                             min_confidence, " ".join(f"{k}={v:.3f}" for k, v in sorted(
-                                 guide.name_probabilities.items(), key=lambda kv: -kv[1])))
+                if logger.isEnabledFor(logging.DEBUG):  # bench/tool_probe.py reads this line
+                    ranked = sorted(guide.name_probabilities.items(), key=lambda kv: -kv[1])
+                    logger.debug("%s: name confidence %.2f (needed %.2f); names %s", self.name,
+                                 guide.name_confidence, min_confidence,
+                                 " ".join(f"{k}={v:.3f}" for k, v in ranked))
             if guide.declined:
                 return -1, False
             squeezed = guide.squeezes > squeezes  # the budget shortened this call

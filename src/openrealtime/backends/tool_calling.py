@@ -503,24 +503,13 @@ def call_probability(logits: np.ndarray, vocab: TokenVocab) -> float:
     return float(p[vocab.call_start].sum())
 
 
-def name_confidence(logits: np.ndarray, first_tokens: Iterable[int]) -> float:
-    """After the opening of a call (``<tool_call>\\n{"name": "``): the probability of the likeliest
-    of the names' first tokens, out of the whole vocabulary. Where a request needs a tool, the
-    bundled models are sure which (>= 0.74 over bench/tool_cases.py with qwen2.5-1.5b); where none
-    fits, the mass spreads over several names or off them (0.00-0.54 for greetings, thanks, jokes,
-    arithmetic), though a lexical match can fool it ("how do you spell" -> lookup_order 0.84)."""
-    ids = np.unique(np.fromiter(first_tokens, dtype=np.int64))
-    if not len(ids):
-        return 0.0
-    x = logits.astype(np.float64)
-    p = np.exp(x - x.max())
-    p /= p.sum()
-    return float(p[ids].max())
-
-
 def name_probabilities(logits: np.ndarray, first_tokens: dict[str, int]) -> dict[str, float]:
-    """Each function's share of the model's next token (its name's first token), out of the whole
-    vocabulary; names that share a first token share its probability."""
+    """After the opening of a call (``<tool_call>\\n{"name": "``): each function's share of the next
+    token (its name's first token), out of the whole vocabulary; names sharing a first token share
+    its probability. The likeliest is the name confidence: where a request needs a tool, the bundled
+    models are sure which (>= 0.74 over bench/tool_cases.py with qwen2.5-1.5b); where none fits, the
+    mass spreads over several names or off them (0.00-0.54 for greetings, thanks, jokes,
+    arithmetic), though a lexical match can fool it ("how do you spell" -> lookup_order 0.84)."""
     x = logits.astype(np.float64)
     p = np.exp(x - x.max())
     p /= p.sum()
@@ -901,7 +890,7 @@ class GuidedDecoder:
         # The model's probability on the function name it favours, read when `tool_call` is given a
         # `min_confidence`; `declined`: it was below, and nothing was chosen.
         self.name_confidence: float | None = None
-        self.name_probabilities: dict[str, float] = {}  # each function's, with the confidence
+        self.name_probabilities: dict[str, float] = {}  # each function's; the likeliest is the confidence
         self.declined = False
 
     # ---- committing output
@@ -1428,11 +1417,10 @@ class GuidedDecoder:
             names = [json.dumps(t.name, ensure_ascii=False)[1:] + "," for t in specs]
             if min_confidence > 0:
                 yield from self._flush()
-                firsts = [self._tokens(n)[0] for n in names if self._tokens(n)]
-                self.name_confidence = name_confidence(self.lm.logits(), firsts)
                 self.name_probabilities = name_probabilities(
                     self.lm.logits(), {t.name: self._tokens(n)[0] for t, n in zip(specs, names, strict=True)
                                        if self._tokens(n)})
+                self.name_confidence = max(self.name_probabilities.values(), default=0.0)
                 if self.name_confidence < min_confidence:
                     self.declined = True
                     return

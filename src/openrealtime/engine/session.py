@@ -360,6 +360,10 @@ class RealtimeSession:
                 self._arm_idle_timer(max(0.0, played_until - time.monotonic()))
         elif run.spec.in_conversation and not self.closed:
             self._arm_idle_timer(0.0)
+        self._free_slot(run)
+
+    def _free_slot(self, run: ResponseRun) -> None:
+        """The conversation's response slot is free again: start the auto-response that waited for it."""
         if self._active is run:
             self._active = None
             if self._auto_response_pending and not self.closed:
@@ -599,7 +603,7 @@ class RealtimeSession:
         limiter = self.ctx.rate_limiter
         shared = limiter is not None and limiter.enabled and limiter.shared
         if limiter is not None and not shared and (refused := limiter.try_start(self.api_key)) is not None:
-            raise ProtocolError(refused.message, code="rate_limit_exceeded", type=refused.name)
+            raise ProtocolError(refused.message, code=refused.code, type=refused.type)
         self._cancel_idle_timer()
         run = ResponseRun(self, spec)
         if shared:  # the shared buckets are asked by the run itself, before `response.created`
@@ -640,11 +644,7 @@ class RealtimeSession:
     def response_refused(self, run: ResponseRun) -> None:
         """A run the shared rate limit refused before `response.created`: as if it never started."""
         self._runs.pop(run.id, None)
-        if self._active is run:
-            self._active = None
-            if self._auto_response_pending and not self.closed:
-                self._auto_response_pending = False
-                self._start_auto_response()
+        self._free_slot(run)
 
     def _report_rate_limits(self, run: ResponseRun) -> None:
         """Charge the response's tokens to the key and send `rate_limits.updated`."""

@@ -49,7 +49,8 @@ async def test_image_on_a_text_only_model_is_an_error(server: Server):
         await conn.conversation.item.delete(item_id="item_image", event_id="evt_delete")
         await conn.conversation.item.create(item={"type": "message", "role": "user",
                                                   "content": [{"type": "input_text", "text": "Hi"}]})
-        await conn.response.create()
+        # Bounded: SmolLM2 sometimes rambles to the 4096-token cap, which took over 90 s in a loaded CI run.
+        await conn.response.create(response={"max_output_tokens": 48})
         done = await rec.wait_for("response.done", after=mark)
         rec.task.cancel()
     assert error["type"] == "invalid_request_error" and error["code"] == "unsupported_content", error
@@ -58,4 +59,4 @@ async def test_image_on_a_text_only_model_is_an_error(server: Server):
     assert "text-only" in error["message"]
     created = [e for e in rec.events[mark:] if e["type"] == "response.created"]
     assert len(created) == 1 and created[0]["response"]["id"] == done["response"]["id"]  # only the text turn
-    assert done["response"]["status"] == "completed", done
+    assert done["response"]["status"] in ("completed", "incomplete"), done  # it ran (incomplete: the cap)

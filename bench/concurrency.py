@@ -421,6 +421,8 @@ def main() -> None:
     parser.add_argument("--max-sessions", type=int, help="the server's max_sessions (OPENREALTIME_MAX_SESSIONS)")
     parser.add_argument("--turn-timeout", type=float, default=120, help="seconds before a turn counts as failed")
     parser.add_argument("--json", type=Path, help="where to write the results (default bench/results/...)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="SETTING=VALUE",
+                        help="server settings without the OPENREALTIME_ prefix, e.g. stt_window=full")
     args = parser.parse_args()
     ns = args.n or ([1, 2, 4, 8, 16, 32] if args.text else [1, 2, 4, 8, 16])
 
@@ -429,6 +431,11 @@ def main() -> None:
         env["OPENREALTIME_MAX_SESSIONS"] = str(args.max_sessions)
     if os.environ.get("OPENREALTIME_LLM_THREADS"):
         env["OPENREALTIME_LLM_THREADS"] = os.environ["OPENREALTIME_LLM_THREADS"]
+    for assignment in args.set:
+        name, sep, value = assignment.partition("=")
+        if not sep or not name:
+            parser.error(f"--set {assignment!r}: expected SETTING=VALUE")
+        env["OPENREALTIME_" + name.strip().upper()] = value.strip()
     server = start_server(env, name="bench-concurrency")
     try:
         if args.text:
@@ -442,7 +449,7 @@ def main() -> None:
     mode = (f"text, max_output_tokens={args.max_tokens}" if args.text
             else f"voice over WebRTC, server_vad {SILENCE_MS} ms")
     print(f"\nconcurrency, {mode}, {args.model}, {args.turns} turns per session, max_sessions={args.max_sessions}, "
-          f"{os.cpu_count()} CPU cores")
+          f"{os.cpu_count()} CPU cores" + (f", {' '.join(args.set)}" if args.set else ""))
     if args.text:
         print("ms from response.create; agg tok/s = all output tokens / time requests were outstanding\n" + TEXT_HEAD)
         for r in rows:
@@ -458,6 +465,7 @@ def main() -> None:
     path.write_text(json.dumps({"mode": "text" if args.text else "voice", "model": args.model, "turns": args.turns,
                                 "max_tokens": args.max_tokens if args.text else None,
                                 "max_sessions": args.max_sessions, "cpu_count": os.cpu_count(),
+                                "settings": args.set,
                                 "server_log": str(server.log_path), "server_log_problems": problems,
                                 "rows": rows}, indent=2, default=str))
     print(f"wrote {path}")

@@ -118,12 +118,14 @@ class Settings(BaseSettings):
     # and the cache cells they share (0: 4 x llm_context).
     llm_parallel: int = Field(default=16, ge=1, le=256)
     llm_cache_tokens: int = Field(default=0, ge=0)
-    # Evaluate a turn's prompt during the silence wait, from the speculative transcript (local models).
-    llm_prefill: bool = False
+    # Evaluate a turn's prompt during the silence wait, from the speculative transcript (local
+    # models). "auto": for server_vad turns only (semantic_vad decides too soon after the pause for
+    # the work to pay, and it would slow smart-turn down).
+    llm_prefill: Literal["auto"] | bool = "auto"
     # Quiet (ms) inside a turn after which the turn so far is transcribed speculatively (thrown away
     # if the user goes on); capped at half of server_vad's silence_duration_ms. 0 = never (no
     # speculative transcript or LLM prefill: the transcript starts when the turn ends; less CPU).
-    stt_speculate_ms: int = Field(default=200, ge=0, le=2000)
+    stt_speculate_ms: int = Field(default=100, ge=0, le=2000)
     # Allow sessions to pick any local .gguf path through the session `model` field.
     allow_model_paths: bool = False
     model_cache_dir: Path = Field(
@@ -150,6 +152,9 @@ class Settings(BaseSettings):
     # new speech, for deltas before it ends (0: deltas only after the turn is committed).
     stt_partial_interval_ms: int = Field(1000, ge=0, le=60_000)
     stt_compute_type: str = "int8"
+    # "fit": an utterance of up to 27 s is encoded on a window fitted to it, not Whisper's 30 s
+    # (median 0.53 -> 0.07 s; word error rate 0.212 -> 0.224, bench/stt_window.py); "full": 30 s.
+    stt_window: Literal["fit", "full"] = "fit"
     tts_enabled: bool = True
     tts_model: str | None = None  # a Piper .onnx voice; default: the bundled en_US-joe-medium
     tts_config: str | None = None
@@ -196,6 +201,10 @@ class Settings(BaseSettings):
     # Admission control: at most this many live Realtime sessions (WebSocket sessions + WebRTC calls)
     # on this node; beyond it new ones get a 429 `session_limit_reached`. None = unlimited.
     max_sessions: int | None = Field(None, ge=0)
+    # And while work has lately waited longer than this for a model (the median wait of the most
+    # congested of LLM, STT and TTS over the last 10 s), new sessions get that 429 too: the box is
+    # already late for the callers it has. None = no bound.
+    max_queue_wait_ms: int | None = Field(None, gt=0)
     # On SIGTERM the server drains: new sessions get a 503 `draining`, live ones may go on for this
     # many seconds, then they are closed and the process exits.
     drain_grace_s: float = Field(30.0, ge=0)

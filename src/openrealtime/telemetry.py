@@ -23,6 +23,12 @@ call id, which would make one series per caller and explode the scrape's cardina
 
 from __future__ import annotations
 
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 # No `<name>_created` series: twice the series for a start timestamp nobody queries (this switch is
@@ -98,6 +104,67 @@ SESSIONS_REFUSED = Counter(
     "New sessions refused at admission, by reason: session_limit_reached (429) or draining (503).",
     ["reason"], registry=REGISTRY,
 )
+
+# --- Queue waits (admission's queue-time bound) ------------------------------------------------------
+
+QUEUE_WAIT_WINDOW_S = 10.0
+
+
+class QueueWaits:
+    """How long work has lately waited for each model (LLM, STT, TTS): admission's overload signal.
+
+    Each model reports, when a request's first step starts, how long it waited for it. The level is
+    the median of the waits reported in the last ``window_s``, per queue, and the worst queue's
+    median is the box's: one congested stage (transcripts of many turns that end together) is enough
+    to make new callers wait. Only waits of requests that started are counted (nothing to leak if a
+    request is dropped), and with no reports the level decays to 0 within ``window_s``. Thread-safe:
+    the llama.cpp compute thread and the speech workers report from their own threads.
+    """
+
+    def __init__(self, window_s: float = QUEUE_WAIT_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._waits: dict[str, deque[tuple[float, float]]] = {}
+
+    def observe(self, queue: str, seconds: float) -> None:
+        """A request of ``queue`` started after waiting ``seconds``."""
+        now = self._clock()
+        with self._lock:
+            waits = self._waits.setdefault(queue, deque())
+            waits.append((now, max(0.0, seconds)))
+            self._prune(waits, now)
+
+    def _prune(self, waits: deque[tuple[float, float]], now: float) -> None:
+        while waits and waits[0][0] < now - self.window_s:
+            waits.popleft()
+
+    def levels(self) -> dict[str, float]:
+        """The median recent wait of each queue that reported within the window (seconds)."""
+        now = self._clock()
+        with self._lock:
+            out = {}
+            for queue, waits in self._waits.items():
+                self._prune(waits, now)
+                if waits:
+                    out[queue] = statistics.median(w for _, w in waits)
+            return out
+
+    def level(self) -> tuple[str | None, float]:
+        """The most congested queue and its median recent wait; (None, 0.0) when all are quiet."""
+        levels = self.levels()
+        if not levels:
+            return None, 0.0
+        queue = max(levels, key=levels.__getitem__)
+        return queue, levels[queue]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._waits.clear()
+
+
+QUEUE_WAITS = QueueWaits()
 
 # --- Paced audio out --------------------------------------------------------------------------------
 # By transport only: a label per call would make one series per caller.

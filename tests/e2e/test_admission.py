@@ -200,6 +200,63 @@ async def test_a_call_holds_its_slot_until_it_ends(limited: Server, sockets: lis
     sockets.append(await open_ws(limited))
 
 
+async def test_the_queue_time_bound_refuses_new_sessions_while_transcripts_queue_up():
+    """`max_queue_wait_ms`: four transcriptions posted at once queue on the one Whisper worker (each
+    a single 28 s window, about half a second), so work waits ~0.5-1.5 s for it; meanwhile new
+    sessions of both transports get the 429, live ones go on, and once the waits are over new
+    sessions are accepted again."""
+    import io
+    import wave
+
+    from tests.audio_fixtures import silence, speak
+
+    server = start_server({**QUIET, "OPENREALTIME_STT_ENABLED": "true", "OPENREALTIME_MAX_QUEUE_WAIT_MS": "100"},
+                          name="admission-queue")
+    try:
+        live = await open_ws(server)
+        speech = speak("What is the capital of France?", 16000)
+        pcm = speech + silence(28_000 - len(speech) // 32, 16000)  # 28 s: the full 30 s window
+        buf = io.BytesIO()
+        with wave.open(buf, "wb") as fh:
+            fh.setnchannels(1)
+            fh.setsampwidth(2)
+            fh.setframerate(16000)
+            fh.writeframes(pcm)
+        async with httpx.AsyncClient(base_url=server.base_url, headers=auth(server), timeout=60) as http:
+            async def transcribe() -> str:
+                response = await http.post("/v1/audio/transcriptions", data={"model": "whisper-1"},
+                                           files={"file": ("q.wav", buf.getvalue(), "audio/wav")})
+                assert response.status_code == 200, response.text
+                return response.json()["text"]
+
+            texts = await asyncio.gather(*(transcribe() for _ in range(4)))
+            assert all("capital" in t.lower() for t in texts), texts
+            level = value(await scrape(server), "openrealtime_queue_wait_level_seconds", queue="stt")
+            assert level > 0.1, level
+            status, headers, body = await ws_refusal(server)
+            assert_refused(status, headers, body, 429, "session_limit_reached")
+            assert "stt" in body["error"]["message"], body
+            peer = Peer()
+            try:
+                response = await post_offer(server, "sdp", await peer.offer())
+                assert_refused(response.status_code, response.headers, response.json(), 429, "session_limit_reached")
+            finally:
+                await peer.close()
+            await live.send(json.dumps({"type": "session.update", "session": {"instructions": "still here"}}))
+            async with asyncio.timeout(20):
+                while (event := json.loads(await live.recv()))["type"] != "session.updated":
+                    assert event["type"] != "error", event
+            assert event["session"]["instructions"] == "still here"
+            refused = value(await scrape(server), "openrealtime_sessions_refused_total", reason="session_limit_reached")
+            assert refused >= 2, refused
+            other = await accepted_soon(server, wait_s=20)  # the window (10 s) forgets the waits
+            await close_ws(server, other)
+        await close_ws(server, live)
+    finally:
+        stop_server(server)
+    assert_clean_log(server)
+
+
 # ------------------------------------------------------------------ readiness
 
 

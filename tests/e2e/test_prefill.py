@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    """A server with the prefill on (`llm_prefill`, off by default)."""
+    """A server with the prefill on for every turn (`llm_prefill`; the default "auto" is server_vad only)."""
     srv = start_server({"OPENREALTIME_LLM_PREFILL": "true"}, name="prefill")
     yield srv
     stop_server(srv)
@@ -55,15 +55,21 @@ async def ask(server: Server, audio: bytes, linger_s: float = 0.0) -> tuple[Reco
     return rec, done
 
 
-async def test_without_the_setting_nothing_is_prefilled() -> None:
-    srv = start_server(name="no-prefill")
+async def test_with_the_setting_off_nothing_is_prefilled_and_by_default_a_server_vad_turn_is() -> None:
+    question = silence(400, RATE) + speak("What is the capital of France?", RATE) + silence(2500, RATE)
+    srv = start_server({"OPENREALTIME_LLM_PREFILL": "false"}, name="no-prefill")
     try:
-        usage = (await ask(srv, silence(400, RATE) + speak("What is the capital of France?", RATE)
-                           + silence(2500, RATE)))[1]["usage"]
+        usage = (await ask(srv, question))[1]["usage"]
     finally:
         stop_server(srv)
     # Only a shared prefix (the chat template's start) can come from the cache: not the question.
     assert usage["input_token_details"]["cached_tokens"] < usage["input_tokens"] - 8, usage
+    srv = start_server(name="auto-prefill")  # llm_prefill "auto": server_vad turns are prefilled
+    try:
+        usage = (await ask(srv, question))[1]["usage"]
+    finally:
+        stop_server(srv)
+    assert usage["input_token_details"]["cached_tokens"] >= usage["input_tokens"] - 1, usage
 
 
 async def test_the_prompt_is_evaluated_while_the_silence_wait_runs(server: Server):

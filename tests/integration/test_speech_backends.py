@@ -210,6 +210,52 @@ async def test_stt_transcribes_speech(stt: WhisperSTT) -> None:
     assert done.duration_s == pytest.approx(len(pcm) / 32000)
 
 
+async def test_stt_fits_the_window_to_a_short_utterance(stt: WhisperSTT) -> None:
+    """The default decodes a voice turn on a window fitted to it; word timestamps need the full one."""
+    assert stt.window == "fit"
+    before = dict(stt.stats)
+    heard = []
+    for text in (QUESTION, "How many days are there in a week?", "What do bees make?"):
+        _, done = await transcribe(stt, silence(200, 16000) + speak(text, 16000) + silence(500, 16000))
+        heard.append(words(done.text))
+    assert {"capital", "france"} <= set(heard[0]) and {"days", "week"} <= set(heard[1]), heard
+    assert {"bees", "make"} <= set(heard[2]), heard
+    fitted = stt.stats["fitted"] - before["fitted"]
+    assert fitted + stt.stats["refitted"] - before["refitted"] == 3
+    assert fitted >= 2, stt.stats  # a rare unfinished decode is redone on the full window
+    _, done = await transcribe(stt, speak(QUESTION, 16000), word_probabilities=True)
+    assert done.words and stt.stats["fitted"] - before["fitted"] == fitted
+
+
+async def test_stt_redoes_an_untrusted_fitted_decode_on_the_full_window(
+        stt: WhisperSTT, monkeypatch: pytest.MonkeyPatch) -> None:
+    from openrealtime.backends import whisper_stt
+
+    before = dict(stt.stats)
+    monkeypatch.setattr(whisper_stt, "_MIN_AVG_LOGPROB", 0.0)  # no decode is that sure
+    _, done = await transcribe(stt, speak(QUESTION, 16000))
+    assert {"capital", "france"} <= set(words(done.text)), done.text
+    assert stt.stats["refitted"] == before["refitted"] + 1 and stt.stats["fitted"] == before["fitted"]
+    monkeypatch.undo()
+    monkeypatch.setattr(whisper_stt, "FIT_MAX_S", 1.0)  # longer utterances skip the fitted window
+    _, done = await transcribe(stt, speak(QUESTION, 16000))
+    assert {"capital", "france"} <= set(words(done.text)), done.text
+    assert stt.stats["refitted"] == before["refitted"] + 1 and stt.stats["fitted"] == before["fitted"]
+
+
+async def test_stt_full_window_setting() -> None:
+    full = load_speech_backends(SimpleNamespace(vad_enabled=False, tts_enabled=False, stt_window="full")).stt
+    assert isinstance(full, WhisperSTT) and full.window == "full"
+    try:
+        _, done = await transcribe(full, speak(QUESTION, 16000))
+        assert {"capital", "france"} <= set(words(done.text)), done.text
+        assert full.stats["fitted"] == full.stats["refitted"] == 0 and full.stats["completed"] == 1
+    finally:
+        await full.close()
+    with pytest.raises(ValueError):
+        WhisperSTT(window="half")
+
+
 async def test_stt_accepts_prompt_and_english_variants(stt: WhisperSTT) -> None:
     pcm = speak(QUESTION, 16000)
     _, done = await transcribe(stt, pcm, language="en-US", prompt="A geography quiz about European capitals.")

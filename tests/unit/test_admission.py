@@ -264,3 +264,73 @@ async def test_warm_start_with_nothing_to_load_is_ready():
     assert not app.state.readiness.ready
     assert await warm_start(app) is True
     assert app.state.readiness.ready
+
+
+# --- the queue-time bound ------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_queue_waits_are_the_worst_queues_recent_median():
+    from openrealtime.telemetry import QueueWaits
+
+    clock = Clock()
+    waits = QueueWaits(window_s=10, clock=clock)
+    assert waits.level() == (None, 0.0)
+    for seconds in (0.0, 0.0, 0.1):  # the LLM keeps up
+        waits.observe("llm", seconds)
+    for seconds in (0.0, 0.5, 1.0, 1.5, 2.0):  # five transcripts of turns that ended together
+        waits.observe("stt", seconds)
+    assert waits.levels() == {"llm": 0.0, "stt": 1.0}
+    assert waits.level() == ("stt", 1.0)
+    clock.now += 6
+    for _ in range(6):  # the backlog is gone: new requests start at once
+        waits.observe("stt", 0.0)
+    assert waits.levels() == {"llm": 0.0, "stt": 0.0}
+    clock.now += 10.5  # nothing reported in the window: quiet
+    assert waits.levels() == {} and waits.level() == (None, 0.0)
+    waits.observe("tts", -1.0)  # a clock step backwards never counts as negative
+    assert waits.levels() == {"tts": 0.0}
+
+
+def test_the_queue_time_bound_refuses_new_sessions_while_work_waits_too_long(caplog: pytest.LogCaptureFixture):
+    from openrealtime.telemetry import QueueWaits
+
+    clock = Clock()
+    waits = QueueWaits(window_s=10, clock=clock)
+    admission = Admission(max_queue_wait_s=0.5, queue_waits=waits, retry_after_s=3)
+    live = admission.reserve("webrtc")  # quiet: admitted
+    waits.observe("stt", 0.4)
+    admission.reserve("websocket")  # below the bound
+    waits.observe("stt", 1.2)
+    waits.observe("stt", 0.9)  # median 0.9 s
+    error = refusal(admission)
+    assert (error.status, error.type, error.code, error.param) == (429, "rate_limit_error", "session_limit_reached",
+                                                                   None)
+    assert error.headers == {"Retry-After": "3"}
+    assert "stt" in error.message and "900 ms" in error.message and "500 ms" in error.message
+    assert admission.active == 2 and not live.released  # live sessions are untouched
+    for _ in range(5):
+        refusal(admission)
+    clock.now += 11  # the congestion is over
+    assert admission.reserve("websocket") is not None
+    waits.observe("llm", 2.0)
+    refusal(admission)
+    logged = [r.getMessage() for r in caplog.records if "Refusing new sessions" in r.getMessage()]
+    assert len(logged) == 2 and "stt work waits 900 ms" in logged[0] and "llm" in logged[1], logged
+    with pytest.raises(ValueError):
+        Admission(max_queue_wait_s=0)
+
+
+def test_the_queue_time_bound_is_off_by_default():
+    from openrealtime.telemetry import QueueWaits
+
+    waits = QueueWaits(window_s=10)
+    waits.observe("llm", 60.0)
+    assert Admission(queue_waits=waits).reserve("websocket") is not None

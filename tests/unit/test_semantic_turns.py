@@ -106,8 +106,13 @@ def test_checks_at_each_pause_offset_and_commit_where_the_model_looked():
     assert [e.first for _, e in checks] == [True, False]  # 200 and 500 ms into the pause (640 ms fed)
     assert [e.at_ms - speech_end for _, e in checks] == [224, 512]  # whole frames
     assert all(e.speech_end_ms == speech_end for _, e in checks)
-    # The first check comes right after SilenceBegan in the same frame (speculative STT starts first).
-    first_frame = [e for i, e in events if i == checks[0][0]]
+    # Speculative STT starts first: at 100 ms of quiet (the default), before the first check; with
+    # stt_speculate_ms 200, in the same frame as the check and ahead of it.
+    [(began_at, _)] = [(i, e) for i, e in events if isinstance(e, SilenceBegan)]
+    assert began_at < checks[0][0]
+    late = feed(SemanticTurnDetector("medium", FRAME, speculate_ms=200), [0.0] * 3 + [0.9] * 10 + [0.0] * 20)
+    first_check = next(i for i, e in late if isinstance(e, TurnCheck))
+    first_frame = [e for i, e in late if i == first_check]
     assert isinstance(first_frame[0], SilenceBegan) and isinstance(first_frame[1], TurnCheck)
     # Below the first-check bar: keep waiting; above the re-check bar: the turn ends at that check.
     assert d.decide(checks[0][1], EAGERNESS["medium"].threshold - 0.01) == []

@@ -177,8 +177,8 @@ def test_speculation_starts_after_the_configured_quiet():
                 return (i + 1 - 10) * 32  # quiet ms at the end of that frame
         raise AssertionError("no SilenceBegan")
 
-    assert began_after(VadTurnDetector(0.5, 1200, 32)) == 224  # the default 200 ms, in 32 ms frames
-    assert began_after(VadTurnDetector(0.5, 1200, 32, speculate_ms=100)) == 128
+    assert began_after(VadTurnDetector(0.5, 1200, 32)) == 128  # the default 100 ms, in 32 ms frames
+    assert began_after(VadTurnDetector(0.5, 1200, 32, speculate_ms=200)) == 224
     assert began_after(VadTurnDetector(0.5, 300, 32, speculate_ms=400)) == 160  # half of 300
     off = VadTurnDetector(0.5, 300, 32, speculate_ms=0)  # 0: never; the turn still ends on time
     events = [e for i, p in enumerate([0.9] * 10 + [0.0] * 20) for e in off.feed(p, i * 32)]

@@ -259,3 +259,23 @@ async def test_the_loop_stays_free_while_a_step_blocks() -> None:
     gate.set()
     assert await asyncio.wait_for(stream, TIMEOUT) == ["a0", "a1"]
     assert ticks == 5
+
+
+async def test_a_streams_wait_for_its_first_step_is_reported_to_admission() -> None:
+    from openrealtime.telemetry import QUEUE_WAITS
+
+    worker = WorkerThread("test-waits", queue="test-waits")
+    unreported = WorkerThread("test-unreported")
+    s = Script()
+    gate = threading.Event()
+    a = asyncio.create_task(collect(s.stream(worker, s.produce("a", 1, gate=gate), "a")))
+    await wait_entered(s)
+    b = asyncio.create_task(collect(s.stream(worker, s.produce("b", 1), "b")))
+    await settle()
+    await asyncio.sleep(0.3)  # b waits behind a's step
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(a, b), TIMEOUT)
+    await collect(s.stream(unreported, s.produce("c", 1), "c"))
+    waits = [w for t, w in QUEUE_WAITS._waits["test-waits"]]
+    assert len(waits) == 2 and waits[0] < 0.25 and waits[1] >= 0.3, waits
+    assert "test-unreported" not in QUEUE_WAITS.levels() and None not in QUEUE_WAITS.levels()

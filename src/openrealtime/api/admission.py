@@ -6,6 +6,11 @@ is built and released exactly once when the session ends, whatever ended it. `re
 awaits, and the event loop runs one coroutine at a time, so no two requests can both take the last
 slot.
 
+With `max_queue_wait_s`, new sessions are also refused (the same 429) while work waits too long for
+the models already: the median recent queue wait of the most congested model (telemetry.QueueWaits).
+Sessions last minutes and turns come in bursts, so a count alone cannot tell a box that keeps up
+from one whose callers already wait seconds for a transcript.
+
 Draining (on SIGTERM, see cli.py) refuses new sessions, lets the live ones go on for a grace period,
 then closes those left through their own close path (a WebSocket close frame, a WebRTC teardown), so
 clients see a close rather than a reset.
@@ -21,7 +26,7 @@ from typing import TYPE_CHECKING
 from fastapi.responses import JSONResponse
 from starlette.requests import HTTPConnection
 
-from ..telemetry import SESSIONS_REFUSED
+from ..telemetry import QUEUE_WAITS, SESSIONS_REFUSED, QueueWaits
 from .errors import APIError, error_body
 
 if TYPE_CHECKING:
@@ -64,16 +69,22 @@ class Slot:
 class Admission:
     """Counts this node's live sessions; refuses new ones beyond `max_sessions` (429) or while draining (503)."""
 
-    def __init__(self, max_sessions: int | None = None, *, retry_after_s: int = RETRY_AFTER_S) -> None:
+    def __init__(self, max_sessions: int | None = None, *, retry_after_s: int = RETRY_AFTER_S,
+                 max_queue_wait_s: float | None = None, queue_waits: QueueWaits | None = None) -> None:
         if max_sessions is not None and max_sessions < 0:
             raise ValueError("max_sessions must be None (unlimited) or >= 0")
+        if max_queue_wait_s is not None and max_queue_wait_s <= 0:
+            raise ValueError("max_queue_wait_s must be None (no bound) or > 0")
         self.max_sessions = max_sessions
+        self.max_queue_wait_s = max_queue_wait_s
+        self.queue_waits = queue_waits if queue_waits is not None else QUEUE_WAITS
         self.retry_after_s = retry_after_s
         self.draining = False
         self._slots: set[Slot] = set()
         self._idle = asyncio.Event()  # set while no slot is held; binds to a loop only when awaited
         self._idle.set()
         self._refusing = False  # the limit was hit and logged; logged again only after a slot frees
+        self._queue_refusing = False  # the queue bound was hit and logged; again after an admission
 
     @property
     def active(self) -> int:
@@ -98,6 +109,20 @@ class Admission:
             raise APIError(429, f"This server is at its limit of {self.max_sessions} concurrent Realtime "
                            f"sessions; try again in {self.retry_after_s} s.", type="rate_limit_error",
                            code="session_limit_reached", headers=retry)
+        if self.max_queue_wait_s is not None:
+            queue, wait = self.queue_waits.level()
+            if wait > self.max_queue_wait_s:
+                if not self._queue_refusing:  # once per overload, not once per refused caller
+                    self._queue_refusing = True
+                    log.warning("Refusing new sessions: %s work waits %.0f ms (median, last %g s), "
+                                "max_queue_wait_ms=%.0f", queue, wait * 1000, self.queue_waits.window_s,
+                                self.max_queue_wait_s * 1000)
+                SESSIONS_REFUSED.labels(reason="session_limit_reached").inc()
+                raise APIError(429, f"This server is overloaded: work for its {queue} model waits "
+                               f"{wait * 1000:.0f} ms (its bound is {self.max_queue_wait_s * 1000:.0f} ms); "
+                               f"try again in {self.retry_after_s} s.", type="rate_limit_error",
+                               code="session_limit_reached", headers=retry)
+            self._queue_refusing = False
         slot = Slot(self, kind)
         self._slots.add(slot)
         self._idle.clear()

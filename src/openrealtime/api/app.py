@@ -99,7 +99,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.speech = speech
     app.state.engine = ctx
     app.state.calls = CallManager(settings, ctx)
-    app.state.admission = Admission(settings.max_sessions)  # WebSocket sessions + WebRTC calls on this node
+    app.state.admission = Admission(  # WebSocket sessions + WebRTC calls on this node
+        settings.max_sessions,
+        max_queue_wait_s=None if settings.max_queue_wait_ms is None else settings.max_queue_wait_ms / 1000)
     app.state.readiness = Readiness()  # the warm start's progress, for /readyz
     app.state.state = state
     app.state.cluster = Cluster(settings, state, app.state.admission, app.state.calls)

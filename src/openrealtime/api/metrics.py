@@ -25,7 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
 from ..engine.stats import TRANSPORTS, EngineStats
-from ..telemetry import REGISTRY
+from ..telemetry import QUEUE_WAITS, REGISTRY
 from .auth import require_key
 
 # 0.0.4, not prometheus_client's newer default (1.0.0): every Prometheus server reads it, and our
@@ -98,6 +98,15 @@ class ServerCollector(Collector):
         yield CounterMetricFamily("openrealtime_events_received", "Client events received by sessions.",
                                   value=stats.events_received)
         yield _counter("openrealtime_errors_sent", "`error` events sent to clients, by code.", "code", stats.errors)
+        waits = GaugeMetricFamily(
+            "openrealtime_queue_wait_level_seconds",
+            f"Median wait of the requests each model (llm, stt, tts) started in the last "
+            f"{QUEUE_WAITS.window_s:g} s: what max_queue_wait_ms compares the worst of with.",
+            labels=["queue"])
+        levels = QUEUE_WAITS.levels()
+        for queue in sorted({"llm", "stt", "tts", *levels}):
+            waits.add_metric([queue], levels.get(queue, 0.0))
+        yield waits
 
 
 def _counter(name: str, help_text: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:

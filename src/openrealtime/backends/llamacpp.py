@@ -983,6 +983,7 @@ class LlamaCppBackend:
             if req.started is None:
                 req.started = t0
                 self._m_wait.observe(t0 - req.arrived)
+                telemetry.QUEUE_WAITS.observe("llm", t0 - req.arrived)
             slot.tokens.extend(op.tokens[op.done:op.done + take])
             op.done += take
             if op.prompt:

@@ -171,7 +171,7 @@ class PiperTTS:
         self._voice_info = _voice_from_config(self._config, model)
         self._length_scale = float(self._config.get("inference", {}).get("length_scale", 1.0))
         self._voice: Any = None
-        self._worker = WorkerThread("piper-tts")
+        self._worker = WorkerThread("piper-tts", queue="tts")
         # Diagnostics: syntheses finished, stopped early by their consumer, and dropped while queued.
         self.stats = {"completed": 0, "cancelled": 0, "skipped": 0}
 

@@ -7,11 +7,12 @@ no heavy library is imported): the models load on first use, or all at once in `
 
 Settings are read with ``getattr`` and defaults, so this works with any settings object:
 ``vad_enabled``, ``vad_model``, ``vad_threads``, ``stt_enabled``, ``stt_model``, ``stt_threads``,
-``stt_compute_type``, ``stt_beam_size``, ``model_cache_dir``, ``tts_enabled``, ``tts_model``, ``tts_config``,
-``tts_threads``, ``turn_detector_enabled``, ``turn_detector_model``, ``turn_detector_threads``,
-``noise_suppressor`` ("rnnoise" / "webrtc" / "off"). ``stt_model`` may also be a Whisper registry name
-(``whisper_models.py``: ``whisper-tiny.en``, ``whisper-base``). A model path that is set explicitly but
-unusable is a configuration error and raises; a missing optional package only disables its stage.
+``stt_compute_type``, ``stt_beam_size``, ``stt_window``, ``model_cache_dir``, ``tts_enabled``,
+``tts_model``, ``tts_config``, ``tts_threads``, ``turn_detector_enabled``, ``turn_detector_model``,
+``turn_detector_threads``, ``noise_suppressor`` ("rnnoise" / "webrtc" / "off"). ``stt_model`` may
+also be a Whisper registry name (``whisper_models.py``: ``whisper-tiny.en``, ``whisper-base``). A model
+path that is set explicitly but unusable is a configuration error and raises; a missing optional
+package only disables its stage.
 
 ``stt_provider`` / ``tts_provider`` name an entry of ``providers`` (an OpenAI-compatible server) to
 use instead of the local Whisper / Piper, with ``stt_remote_model``, ``tts_remote_model`` and
@@ -151,7 +152,8 @@ def _build_stt(settings: Any) -> STTBackend | None:
     path = _setting(settings, "stt_model", None)
     options = {"compute_type": str(_setting(settings, "stt_compute_type", "int8")),
                "cpu_threads": int(_setting(settings, "stt_threads", 1)),
-               "beam_size": int(_setting(settings, "stt_beam_size", 1))}
+               "beam_size": int(_setting(settings, "stt_beam_size", 1)),
+               "window": str(_setting(settings, "stt_window", "fit"))}
     known = get_stt_model(path) if path and not Path(path).expanduser().exists() else None
     if known is not None and known.name != DEFAULT_STT_MODEL:
         # A registry model (whisper-base): its directory is joined/verified into the model cache on

@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from openrealtime import telemetry
+
 _END = object()
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class _Task:
         self.on_skip = on_skip
         self.cancelled = threading.Event()
         self.steps: Iterator[object] | None = None
+        self.queued_at = time.monotonic()
 
     def step(self) -> bool:
         """Run one step on the worker thread; True if the stream has more to do."""
@@ -81,6 +84,8 @@ class _Task:
         assert self.produce is not None and self.emit is not None
         try:
             if self.steps is None:
+                if self.worker.queue is not None:
+                    telemetry.QUEUE_WAITS.observe(self.worker.queue, time.monotonic() - self.queued_at)
                 self.steps = iter(self.produce(self.emit))
             next(self.steps)
             return True
@@ -115,8 +120,11 @@ class _Task:
 class WorkerThread:
     """Started on first use; a failing job is logged and the thread keeps serving."""
 
-    def __init__(self, name: str, *, max_first_steps: int = 4) -> None:
+    def __init__(self, name: str, *, max_first_steps: int = 4, queue: str | None = None) -> None:
+        """``queue``: the name under which a stream's wait for its first step is reported to
+        admission's queue-time bound (``telemetry.QUEUE_WAITS``); None: not reported."""
         self.name = name
+        self.queue = queue
         self.max_first_steps = max(1, max_first_steps)
         self._fresh: deque[_Task] = deque()  # not started yet (and plain jobs), in arrival order
         self._active: deque[_Task] = deque()  # started streams, round-robin

@@ -50,8 +50,9 @@ class EngineContext:
     strict_names: bool = False
     # A reply's first piece is spoken after this many words even without punctuation (0: off).
     first_chunk_words: int = 0
-    # Evaluate the next prompt during the silence wait (engine/prefill.py).
-    speculative_prefill: bool = False
+    # Evaluate the next prompt during the silence wait (engine/prefill.py): True, False, or "auto"
+    # (server_vad turns only).
+    speculative_prefill: bool | str = False
     # Quiet (ms) in a turn after which it is transcribed speculatively (engine/turns.py, SilenceBegan).
     speculate_after_ms: int = SPECULATE_AFTER_MS
     # Transcription sessions decode the utterance so far after each this many ms of new speech, to

@@ -276,7 +276,8 @@ class InputAudio:
             pcm = self.segment(self._speech_start_ms - self._padding(), event.speech_end_ms)
             self._speculation = (event.speech_end_ms, self.s.transcriber.speculate(pcm))
             if self.s.config.type == "realtime":  # a transcription session never prompts the LLM
-                self.s.prefill.start(self._speculation[1])
+                self.s.prefill.start(self._speculation[1],
+                                     semantic=isinstance(self._detector, SemanticTurnDetector))
         elif isinstance(event, SpeechResumed):
             self._cancel_speculation()
         elif isinstance(event, SpeechStopped):

@@ -29,6 +29,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def prefill_wanted(setting: bool | str, *, semantic: bool) -> bool:
+    """Whether a pause's prompt is evaluated: `llm_prefill` True/False, or "auto" (server_vad only).
+
+    With semantic_vad the end-of-turn model decides some 100-150 ms after the pause begins, about
+    when the speculative transcript is ready, so a prefill has nothing left to overlap and its work
+    on both cores delays the decision itself (measured: heard 1843 -> 2027 ms over WebRTC).
+    """
+    if setting == "auto":
+        return not semantic
+    return bool(setting)
+
+
 class SpeculativePrefill:
     """At most one prefill per session: the one for the pause the user is in now."""
 
@@ -37,10 +49,11 @@ class SpeculativePrefill:
         self._task: asyncio.Task[None] | None = None
         self._evaluating = False  # the prefill's LLM request is under way
 
-    def start(self, transcript: asyncio.Task) -> None:
-        """Prefill once the speculative transcript `transcript` (a Transcriber task) is ready."""
+    def start(self, transcript: asyncio.Task, *, semantic: bool = False) -> None:
+        """Prefill once the speculative transcript `transcript` (a Transcriber task) is ready;
+        `semantic`: the turn is decided by semantic_vad (see `prefill_wanted`)."""
         self.cancel()
-        if not self.s.ctx.speculative_prefill:
+        if not prefill_wanted(self.s.ctx.speculative_prefill, semantic=semantic):
             return
         self._evaluating = False
         self._task = asyncio.create_task(self._run(transcript), name=f"prefill-{self.s.id}")

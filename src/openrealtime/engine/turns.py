@@ -60,7 +60,7 @@ TurnEvent = SpeechStarted | SilenceBegan | SpeechResumed | SpeechStopped | TurnC
 
 
 # Quiet (ms) in a turn before its speculative transcript starts (the `stt_speculate_ms` default).
-SPECULATE_AFTER_MS = 200
+SPECULATE_AFTER_MS = 100
 
 
 class VadTurnDetector:

@@ -15,7 +15,7 @@ from openrealtime.audio.transcode import decode_audio
 from openrealtime.backends.openai_stt import OpenAICompatSTT
 from openrealtime.backends.openai_tts import OpenAICompatTTS
 from openrealtime.backends.speech import STTError, TranscriptDone, TTSError
-from tests.audio_fixtures import speak, speech_available
+from tests.audio_fixtures import speak, speech_available, word_overlap
 
 from .conftest import Server, client, free_port
 
@@ -181,7 +181,9 @@ async def test_speech_streams_pcm_and_it_says_the_words(server: Server):
     seconds = len(pcm) / 2 / 24000
     assert 1.5 < seconds < 8, seconds
     result = await api.audio.transcriptions.create(model="whisper-1", file=("speech.pcm", pcm))
-    assert {"quick", "brown", "fox"} <= words(result.text)
+    # Whisper is the judge here, and Piper's synthesis is randomised (noise_scale): one of nine words
+    # misheard (a CI run once heard no "quick"; 0 of 20 local runs did) is the judge's error.
+    assert word_overlap(SENTENCE, result.text) >= 8 / 9, result.text
 
 
 @pytest.mark.parametrize("fmt", ["wav", "mp3", "opus"])

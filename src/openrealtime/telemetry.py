@@ -159,10 +159,6 @@ class QueueWaits:
         queue = max(levels, key=levels.__getitem__)
         return queue, levels[queue]
 
-    def clear(self) -> None:
-        with self._lock:
-            self._waits.clear()
-
 
 QUEUE_WAITS = QueueWaits()
 

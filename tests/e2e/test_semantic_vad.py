@@ -212,3 +212,14 @@ async def test_noise_reduction_on_noise_alone_and_noisy_speech(server: Server):
     assert results["near_field"]["babble"] <= results["off"]["babble"] + 0.15, results
     assert results["far_field"]["white"] <= results["off"]["white"] + 0.1, results
     assert results["far_field"]["babble"] <= results["off"]["babble"] + 0.15, results
+
+
+async def test_a_semantic_vad_turn_is_not_prefilled_by_default(server: Server):
+    """`llm_prefill` "auto" (the default, which the shared server runs with) prefills server_vad
+    turns only (tests/e2e/test_prefill.py has that side): a smart-turn decision comes too soon for it."""
+    question = speak("Name one colour of the rainbow.", RATE)  # asked nowhere else: no other cache has it
+    events = await run(server, {**session({"type": "semantic_vad", "eagerness": "low"}), "max_output_tokens": 16},
+                       silence(LEAD_MS, RATE) + question + silence(2500, RATE), until="response.done")
+    usage = first(events, "response.done")["response"]["usage"]
+    # Only a shared prefix (the chat template and instructions) can come from the cache, not the question.
+    assert usage["input_token_details"]["cached_tokens"] < usage["input_tokens"] - 8, usage

@@ -257,8 +257,7 @@ class WhisperSTT:
                              time.monotonic() - t0, text)
                 self.stats["fitted"] += 1
                 self.stats["completed"] += 1
-                if text:
-                    emit(TranscriptDelta(text))
+                emit(TranscriptDelta(text))  # never empty: an empty fitted decode is redone
                 emit(TranscriptDone(text, lang, duration, None))
                 return
             self.stats["refitted"] += 1

@@ -36,7 +36,7 @@ from openrealtime.backends.llm import (  # noqa: E402
 )
 
 HINTS = {
-    "before": "Answer the user's question from these results, in plain words.",
+    "plain": "Answer the user's question from these results, in plain words.",
     "facts": "Answer the user's question from these results, in plain words, keeping their numbers and names.",
 }
 SYSTEM = "You are a helpful voice assistant. Answer in one short sentence."

@@ -116,8 +116,10 @@ TOOL_USE_RULE = (
 )
 # Closes the turn that carries function results, so that the reply answers from them rather than
 # explaining the call or calling again (in the system prompt, the same words made calls less likely
-# where they are needed).
-TOOL_RESULT_HINT = "Answer the user's question from these results, in plain words."
+# where they are needed). "keeping their numbers and names": without it the 1.5B now and then drops
+# the figure ("It is sunny in Paris." over "23 degrees and sunny"): 112/116 against 116/116 answers
+# kept the fact in bench/followup_facts.py, and no other follow-up case moved.
+TOOL_RESULT_HINT = "Answer the user's question from these results, in plain words, keeping their numbers and names."
 # Qwen2.5's template writes its call format with doubled braces (a Jinja escape that is not one inside
 # a string literal); the model then tends to open its calls with "{{". The prompt shows the format the
 # model's real calls use.

@@ -122,6 +122,12 @@ class Settings(BaseSettings):
     # models). "auto": for server_vad turns only (semantic_vad decides too soon after the pause for
     # the work to pay, and it would slow smart-turn down).
     llm_prefill: Literal["auto"] | bool = "auto"
+    # The prefill goes on generating the reply (nothing is sent); the turn's response adopts it when
+    # its prompt and sampling match, so its first words are already written. False: prompt only.
+    llm_speculate: bool = True
+    # WebRTC: frames (20 ms) of the caller's audio held to reorder packets before the engine gets
+    # them; aiortc's own default is 4 (transports/webrtc.py).
+    webrtc_input_jitter_frames: int = Field(default=1, ge=1, le=8)
     # Quiet (ms) inside a turn after which the turn so far is transcribed speculatively (thrown away
     # if the user goes on); capped at half of server_vad's silence_duration_ms. 0 = never (no
     # speculative transcript or LLM prefill: the transcript starts when the turn ends; less CPU).

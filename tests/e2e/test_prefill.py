@@ -7,6 +7,7 @@ counts audio time, so a faster-than-real-time stream would confirm the turn befo
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -23,8 +24,9 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    """A server with the prefill on for every turn (`llm_prefill`; the default "auto" is server_vad only)."""
-    srv = start_server({"OPENREALTIME_LLM_PREFILL": "true"}, name="prefill")
+    """A server with the prompt-only prefill on for every turn (`llm_prefill`; the default "auto" is
+    server_vad only; `llm_speculate` off: the response makes its own request and finds it cached)."""
+    srv = start_server({"OPENREALTIME_LLM_PREFILL": "true", "OPENREALTIME_LLM_SPECULATE": "false"}, name="prefill")
     yield srv
     stop_server(srv)
     assert "Traceback" not in srv.log_text()
@@ -64,12 +66,79 @@ async def test_with_the_setting_off_nothing_is_prefilled_and_by_default_a_server
         stop_server(srv)
     # Only a shared prefix (the chat template's start) can come from the cache: not the question.
     assert usage["input_token_details"]["cached_tokens"] < usage["input_tokens"] - 8, usage
-    srv = start_server(name="auto-prefill")  # llm_prefill "auto": server_vad turns are prefilled
+    # llm_prefill "auto": server_vad turns are prefilled
+    srv = start_server({"OPENREALTIME_LLM_SPECULATE": "false"}, name="auto-prefill")
     try:
         usage = (await ask(srv, question))[1]["usage"]
     finally:
         stop_server(srv)
     assert usage["input_token_details"]["cached_tokens"] >= usage["input_tokens"] - 1, usage
+
+
+def turn_timing(server: Server, response_id: str) -> dict:
+    """The server's turn-timing line for a response (engine/session.py)."""
+    for line in server.log_text().splitlines():
+        if "turn-timing " in line:
+            data = json.loads(line.split("turn-timing ", 1)[1])
+            if data["response"] == response_id:
+                return data["ms"]
+    raise AssertionError(f"no turn-timing line for {response_id}")
+
+
+@pytest.fixture(scope="module")
+def default_server() -> Iterator[Server]:
+    """The defaults: server_vad turns are prefilled and the reply is generated speculatively."""
+    srv = start_server(name="speculate")
+    yield srv
+    stop_server(srv)
+    assert "Traceback" not in srv.log_text()
+
+
+async def test_by_default_the_response_adopts_the_speculative_generation(default_server: Server):
+    """The reply was already being written during the silence wait: the response takes it over
+    (one LLM request for the turn) instead of asking again."""
+    requests = "openrealtime_llm_queue_wait_seconds_count"
+    before = await scrape(default_server)
+    rec, done = await ask(default_server, silence(400, RATE) + speak("What is the capital of France?", RATE)
+                          + silence(2500, RATE), linger_s=0.5)
+    assert done["status"] in ("completed", "incomplete"), done
+    assert done["usage"]["output_tokens"] > 0
+    text = "".join(e["delta"] for e in rec.events if e["type"] == "response.output_text.delta")
+    assert text.strip() and text == done["output"][0]["content"][0]["text"], (text, done["output"])
+    assert turn_timing(default_server, done["id"])["speculative_llm"] == 1.0
+    types = rec.types()
+    assert types.count("response.created") == 1 and types.count("response.done") == 1, types
+    # The speculation (the response's own stream) and nothing else, unless a pause inside the
+    # question started one more that was thrown away.
+    assert 1 <= total(await scrape(default_server), requests) - total(before, requests) <= 2
+
+
+async def test_speaking_on_discards_the_speculative_reply(default_server: Server):
+    """A pause long enough for a speculative reply, then more words: the reply written at the pause
+    is thrown away; the one response answers the whole utterance (adopted from the speculation
+    at the real end of the turn), and nothing of the first is sent."""
+    first, second = speak("Please tell me the name of", RATE), speak("the capital city of France.", RATE)
+    requests = "openrealtime_llm_queue_wait_seconds_count"
+    for _attempt in range(3):
+        before = await scrape(default_server)
+        rec, done = await ask(default_server, silence(400, RATE) + first + silence(1000, RATE) + second
+                              + silence(2500, RATE), linger_s=0.5)
+        types = rec.types()
+        assert types.count("input_audio_buffer.committed") == 1, types
+        assert types.count("response.created") == 1 and types.count("response.done") == 1, types
+        [completed] = [e for e in rec.events if e["type"] == "conversation.item.input_audio_transcription.completed"]
+        words = completed["transcript"].lower()
+        assert "name" in words and "france" in words, words
+        assert done["status"] in ("completed", "incomplete"), done
+        deltas = [e for e in rec.events if e["type"] == "response.output_text.delta"]
+        assert deltas and {e["response_id"] for e in deltas} == {done["id"]}, deltas
+        assert "".join(e["delta"] for e in deltas) == done["output"][0]["content"][0]["text"]
+        # Two speculations: the one at the pause (discarded) and the one the response adopted.
+        if total(await scrape(default_server), requests) - total(before, requests) >= 2 \
+                and turn_timing(default_server, done["id"])["speculative_llm"] == 1.0:
+            break
+    else:
+        raise AssertionError("no speculation at the pause in three attempts")
 
 
 async def test_the_prompt_is_evaluated_while_the_silence_wait_runs(server: Server):

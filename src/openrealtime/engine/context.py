@@ -53,6 +53,8 @@ class EngineContext:
     # Evaluate the next prompt during the silence wait (engine/prefill.py): True, False, or "auto"
     # (server_vad turns only).
     speculative_prefill: bool | str = False
+    # The prefill also generates the reply, for the turn's response to adopt (engine/prefill.py).
+    speculative_generation: bool = False
     # Quiet (ms) in a turn after which it is transcribed speculatively (engine/turns.py, SilenceBegan).
     speculate_after_ms: int = SPECULATE_AFTER_MS
     # Transcription sessions decode the utterance so far after each this many ms of new speech, to

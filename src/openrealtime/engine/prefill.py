@@ -8,6 +8,14 @@ When the turn is confirmed, the response's own request finds that prompt cached 
 generating at once; when the user goes on speaking, the work is only cache that the next prompt
 diverges from (it is cut back there), so nothing stale can reach the client.
 
+With ``llm_speculate`` (the default) the request does not stop at the prompt: it goes on
+generating the reply into a buffer that nothing reads. When the turn is confirmed, the response
+adopts it if its own prompt and sampling are exactly the speculation's (`adopt`): it replays what
+was written and follows the rest, so the first words are there the moment the turn ends. Any
+difference (another transcript, a client's own response.create, MCP tools) and the speculation is
+cancelled and the response asks for itself. The waste is bounded by the pause: the user speaking
+again cancels it (engine/input.py).
+
 Only backends that keep a cache per conversation (``prefills = True``: the in-process llama.cpp
 backend) are asked; a remote provider would bill a request for nothing.
 """
@@ -18,9 +26,12 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from ..backends.llm import ChatMessage, Finished, GenerationParams, LLMError, LLMEvent
 from ..protocol.items import ContentPart, Item
+from .mcp import mcp_tools
 from .response import generation_params, prompt_messages, resolve
 
 if TYPE_CHECKING:
@@ -41,6 +52,19 @@ def prefill_wanted(setting: bool | str, *, semantic: bool) -> bool:
     return bool(setting)
 
 
+_END = object()  # the speculative stream ended without a Finished event (cancelled, or failed)
+
+
+@dataclasses.dataclass(eq=False)
+class _Generation:
+    """A speculative request's prompt and sampling, and the events it has produced so far."""
+
+    messages: list[ChatMessage]
+    params: GenerationParams
+    events: asyncio.Queue[object] = dataclasses.field(default_factory=asyncio.Queue)
+    failed: bool = False
+
+
 class SpeculativePrefill:
     """At most one prefill per session: the one for the pause the user is in now."""
 
@@ -48,6 +72,7 @@ class SpeculativePrefill:
         self.s = session
         self._task: asyncio.Task[None] | None = None
         self._evaluating = False  # the prefill's LLM request is under way
+        self._generation: _Generation | None = None  # what it writes, for the response to adopt
 
     def start(self, transcript: asyncio.Task, *, semantic: bool = False) -> None:
         """Prefill once the speculative transcript `transcript` (a Transcriber task) is ready;
@@ -68,6 +93,7 @@ class SpeculativePrefill:
     def cancel(self) -> asyncio.Task[None] | None:
         """Stop the prefill (the user went on, or a response starts); returns its task to await."""
         task, self._task = self._task, None
+        self._generation = None
         if task is not None and not task.done():
             task.cancel()
         return task
@@ -78,6 +104,15 @@ class SpeculativePrefill:
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+    def adopt(self, messages: list[ChatMessage], params: GenerationParams) -> AsyncIterator[LLMEvent] | None:
+        """The speculative generation as the response's own stream, if it was asked for exactly
+        this prompt and sampling (and has not failed); None otherwise (call `settle` then)."""
+        gen, task = self._generation, self._task
+        if gen is None or task is None or gen.failed or gen.messages != messages or gen.params != params:
+            return None
+        self._task, self._generation = None, None  # the response owns it now
+        return _relay(task, gen.events)
 
     async def _run(self, transcript: asyncio.Task) -> None:
         try:
@@ -93,12 +128,43 @@ class SpeculativePrefill:
             user = Item(type="message", role="user", status="completed",
                         content=[ContentPart(type="input_audio", transcript=text)])
             messages = prompt_messages(spec.instructions, [*s.conversation, user])
-            params = dataclasses.replace(generation_params(spec, s.id), max_tokens=0)
+            params = generation_params(spec, s.id)
+            gen = None
+            if s.ctx.speculative_generation and spec.in_conversation and not mcp_tools(spec.tools):
+                gen = self._generation = _Generation(messages, params)
+            else:
+                params = dataclasses.replace(params, max_tokens=0)
             self._evaluating = True
             async with contextlib.aclosing(llm.stream(messages, params)) as stream:
-                async for _ in stream:
-                    pass
+                async for event in stream:
+                    if gen is not None:
+                        gen.events.put_nowait(event)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a hint only: the response does the real work and reports errors
+            if self._generation is not None:
+                self._generation.failed = True  # not adopted from now on
+                self._generation.events.put_nowait(exc)  # the response that already adopted it fails
             log.debug("session %s: speculative prefill skipped: %s", self.s.id, exc)
+        finally:
+            if self._generation is not None:
+                self._generation.events.put_nowait(_END)
+
+
+async def _relay(task: asyncio.Task[None], events: asyncio.Queue[object]) -> AsyncIterator[LLMEvent]:
+    """Replay an adopted speculation's events, then follow it; leaving early cancels it."""
+    try:
+        while True:
+            item = await events.get()
+            if item is _END:
+                raise LLMError("The generation stopped before it finished")  # never seen: it ends or raises
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+            if isinstance(item, Finished):
+                return
+    finally:
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

@@ -10,7 +10,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -24,6 +24,7 @@ from ..backends.llm import (
     ImageInput,
     LLMBackend,
     LLMError,
+    LLMEvent,
     TextDelta,
     ToolCall,
     ToolCallDelta,
@@ -436,7 +437,6 @@ class ResponseRun:
                 return
             resumed = await self._resume_approvals()
             self.messages = await self._prompt(llm)
-            await self.session.prefill.settle()  # its slot is this response's now (the prompt cached)
             # The session's cache slot serves its conversation; an out-of-band prompt (a custom
             # `input`, conversation "none") must not overwrite it.
             params = generation_params(
@@ -613,9 +613,21 @@ class ResponseRun:
             emit(ev.ResponseMcpCallCompleted(item_id=item.id or "", output_index=index))
         self._close(item, completed=True)
 
+    async def _open_stream(self, llm: LLMBackend, params: GenerationParams) -> AsyncIterator[LLMEvent]:
+        """The LLM's events for this prompt: the turn's speculative generation when it was asked
+        for exactly this (engine/prefill.py), else a request of our own, once the speculation has
+        left the conversation's cache slot (what it evaluated stays cached)."""
+        prefill = self.session.prefill
+        adopted = prefill.adopt(self.messages, params)
+        if adopted is not None:
+            self.marks["speculative_llm"] = 1.0
+            return adopted
+        await prefill.settle()
+        return llm.stream(self.messages, params)
+
     async def _stream_text(self, llm: LLMBackend, params: GenerationParams) -> Finished | None:
         finished = None
-        async with contextlib.aclosing(llm.stream(self.messages, params)) as stream:
+        async with contextlib.aclosing(await self._open_stream(llm, params)) as stream:
             async for chunk in stream:
                 if isinstance(chunk, TextDelta):
                     self.marks.setdefault("llm_first_token", time.monotonic())
@@ -649,7 +661,7 @@ class ResponseRun:
         async def produce() -> None:
             splitter = ClauseSplitter(first_words=self.session.ctx.first_chunk_words)
             try:
-                async with contextlib.aclosing(llm.stream(self.messages, params)) as stream:
+                async with contextlib.aclosing(await self._open_stream(llm, params)) as stream:
                     async for chunk in stream:
                         if isinstance(chunk, TextDelta):
                             self.marks.setdefault("llm_first_token", time.monotonic())

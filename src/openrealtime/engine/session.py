@@ -330,8 +330,9 @@ class RealtimeSession:
     def _log_timing(self, response_id: str, marks: dict[str, float]) -> None:
         """One structured line per answered turn: bench/voice_latency.py reads these."""
         base = marks.get("speech_stopped", marks.get("response_created", 0.0))
-        rel = {k: round((v - base) * 1000, 1) for k, v in marks.items() if k != "speculative_stt"}
-        rel["speculative_stt"] = marks.get("speculative_stt", 0.0)
+        flags = ("speculative_stt", "speculative_llm")  # 1.0 / 0.0, not times
+        rel = {k: round((v - base) * 1000, 1) for k, v in marks.items() if k not in flags}
+        rel.update({k: marks.get(k, 0.0) for k in flags})
         log.info("turn-timing %s", json.dumps({"session": self.id, "response": response_id,
                                                "transport": self.transport, "base_monotonic": base, "ms": rel}))
         observe_turn(marks, self.transport)

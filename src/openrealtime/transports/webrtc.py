@@ -41,6 +41,7 @@ from aiortc import (
 )
 from aiortc import sdp as aiortc_sdp
 from aiortc.exceptions import InternalError, InvalidAccessError, InvalidStateError, OperationError
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError
 
 from ..audio.output import AudioOutput
@@ -64,6 +65,21 @@ _SEND_LOW_WATER = 256 * 1024
 _MIN_PUSH_MS = 20
 # SCTP's max-message-size when the peer's SDP does not say (RFC 8841).
 _DEFAULT_PEER_MAX_MESSAGE = 65536
+# Frames of the caller's audio held back to put reordered packets right (`webrtc_input_jitter_frames`).
+# aiortc holds 4 (80 ms) for playout smoothness, but the engine does not play it: every turn's end
+# was noticed 80 ms late. One frame (an Opus frame is complete when the next packet arrives) still
+# mends adjacent swaps.
+INPUT_JITTER_FRAMES = 1
+
+
+def shorten_input_jitter_buffer(pc: RTCPeerConnection, frames: int = INPUT_JITTER_FRAMES) -> None:
+    """Give each audio receiver a jitter buffer of `frames` (aiortc has no option for it: the
+    buffer is a private attribute; left as it is if aiortc renames it)."""
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        attr = "_RTCRtpReceiver__jitter_buffer"
+        if transceiver.kind == "audio" and isinstance(getattr(receiver, attr, None), JitterBuffer):
+            setattr(receiver, attr, JitterBuffer(capacity=16, prefetch=frames))
 
 __all__ = [
     "EVENTS_CHANNEL",
@@ -409,6 +425,8 @@ class Call:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         except (ValueError, OperationError, InvalidAccessError, InvalidStateError, InternalError) as exc:
             raise InvalidOffer(f"The SDP offer was rejected: {exc}") from exc
+        # Before any packet arrives (the transport starts later).
+        shorten_input_jitter_buffer(self.pc, self._manager.settings.webrtc_input_jitter_frames)
         # Answer `sendrecv` audio with a real track, on the first audio m-line only (one voice).
         # addTrack would create a new transceiver when the offer has no audio: check first.
         if any(t.kind == "audio" for t in self.pc.getTransceivers()):

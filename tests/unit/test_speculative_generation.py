@@ -1,0 +1,88 @@
+"""The speculative reply (engine/prefill.py): adopted only by a response that asks for exactly its
+prompt and sampling, replayed in full, and cancelled (never delivered) when the user goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from types import SimpleNamespace
+
+from openrealtime.backends.llm import ChatMessage, Finished, TextDelta
+
+from .test_engine import ScriptedLLM, make_session, send
+
+QUESTION = "What is the capital of France?"
+
+
+async def speculating(llm: ScriptedLLM, *, generate: bool = True):
+    llm.prefills = True  # type: ignore[attr-defined]
+    session = make_session(llm)
+    session.ctx.speculative_prefill = True
+    session.ctx.speculative_generation = generate
+    await send(session, {"type": "session.update", "session": {"type": "realtime", "output_modalities": ["text"]}})
+    transcript = asyncio.get_running_loop().create_future()
+    transcript.set_result(SimpleNamespace(done=SimpleNamespace(text=QUESTION)))
+    session.prefill.start(transcript)  # type: ignore[arg-type]
+    for _ in range(200):
+        if llm.prompts:
+            break
+        await asyncio.sleep(0.005)
+    assert llm.prompts, "the prefill never asked the LLM"
+    return session
+
+
+async def test_only_the_same_prompt_and_sampling_adopt_it_and_it_replays_everything() -> None:
+    llm = ScriptedLLM(["Paris", " is", " the", " capital."])
+    session = await speculating(llm)
+    messages, params = llm.prompts[0], llm.params[0]
+    assert messages[-1].content == QUESTION and params.max_tokens is None  # the whole reply, not the prompt only
+    await asyncio.sleep(0.05)  # it finishes before anyone asks
+    other = [*messages[:-1], ChatMessage(role="user", content="What is the capital of Spain?")]
+    assert session.prefill.adopt(other, params) is None
+    assert session.prefill.adopt(messages, dataclasses.replace(params, temperature=0.2)) is None
+    stream = session.prefill.adopt(messages, params)
+    assert stream is not None
+    got = [event async for event in stream]
+    assert [e.text for e in got if isinstance(e, TextDelta)] == ["Paris", " is", " the", " capital."]
+    assert isinstance(got[-1], Finished) and got[-1].finish_reason == "stop"
+    assert session.prefill.adopt(messages, params) is None  # taken: one response only
+    assert len(llm.prompts) == 1
+
+
+async def test_a_response_adopting_it_midway_gets_the_rest_as_it_comes() -> None:
+    llm = ScriptedLLM(["One", " two", " three", " four"], delay=0.05)
+    session = await speculating(llm)
+    stream = session.prefill.adopt(llm.prompts[0], llm.params[0])
+    assert stream is not None
+    got = [event.text async for event in stream if isinstance(event, TextDelta)]
+    assert got == ["One", " two", " three", " four"]
+
+
+async def test_the_user_going_on_cancels_it_and_nothing_is_left_to_adopt() -> None:
+    llm = ScriptedLLM(["a"] * 100, delay=0.02)
+    session = await speculating(llm)
+    task = session.prefill.cancel()
+    assert task is not None
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()
+    assert session.prefill.adopt(llm.prompts[0], llm.params[0]) is None
+
+
+async def test_leaving_an_adopted_stream_early_stops_the_generation() -> None:
+    llm = ScriptedLLM(["a"] * 100, delay=0.02)
+    session = await speculating(llm)
+    task = session.prefill._task
+    stream = session.prefill.adopt(llm.prompts[0], llm.params[0])
+    assert stream is not None and task is not None
+    async for _ in stream:
+        break
+    await stream.aclose()
+    assert task.done()
+
+
+async def test_with_llm_speculate_off_only_the_prompt_is_evaluated() -> None:
+    llm = ScriptedLLM(["Paris"])
+    session = await speculating(llm, generate=False)
+    assert llm.params[0].max_tokens == 0
+    await asyncio.sleep(0.05)
+    assert session.prefill.adopt(llm.prompts[0], dataclasses.replace(llm.params[0], max_tokens=None)) is None

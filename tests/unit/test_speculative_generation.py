@@ -7,7 +7,9 @@ import asyncio
 import dataclasses
 from types import SimpleNamespace
 
-from openrealtime.backends.llm import ChatMessage, Finished, TextDelta
+import pytest
+
+from openrealtime.backends.llm import ChatMessage, Finished, LLMError, TextDelta
 
 from .test_engine import ScriptedLLM, make_session, send
 
@@ -86,3 +88,34 @@ async def test_with_llm_speculate_off_only_the_prompt_is_evaluated() -> None:
     assert llm.params[0].max_tokens == 0
     await asyncio.sleep(0.05)
     assert session.prefill.adopt(llm.prompts[0], dataclasses.replace(llm.params[0], max_tokens=None)) is None
+
+
+class FailingLLM(ScriptedLLM):
+    """Writes two words, then the backend fails."""
+
+    async def stream(self, messages: list[ChatMessage], params):  # type: ignore[override]
+        self.prompts.append(messages)
+        self.params.append(params)
+        yield TextDelta("Paris")
+        await asyncio.sleep(0.05)
+        yield TextDelta(" is")
+        raise LLMError("the model crashed", code="backend_down")
+
+
+async def test_a_backend_failure_after_adoption_reaches_the_response() -> None:
+    llm = FailingLLM([])
+    session = await speculating(llm)
+    stream = session.prefill.adopt(llm.prompts[0], llm.params[0])
+    assert stream is not None
+    got: list[str] = []
+    with pytest.raises(LLMError, match="crashed"):
+        async for event in stream:
+            got.append(event.text)  # type: ignore[union-attr]
+    assert got == ["Paris", " is"]
+
+
+async def test_a_failed_speculation_is_not_adopted() -> None:
+    llm = FailingLLM([])
+    session = await speculating(llm)
+    await asyncio.sleep(0.15)
+    assert session.prefill.adopt(llm.prompts[0], llm.params[0]) is None

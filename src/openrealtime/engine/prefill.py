@@ -115,6 +115,7 @@ class SpeculativePrefill:
         return _relay(task, gen.events)
 
     async def _run(self, transcript: asyncio.Task) -> None:
+        gen: _Generation | None = None  # local: once adopted, self._generation is no longer it
         try:
             result = await asyncio.shield(transcript)  # cancelling the prefill leaves the STT running
             text = result.done.text.strip()
@@ -129,7 +130,6 @@ class SpeculativePrefill:
                         content=[ContentPart(type="input_audio", transcript=text)])
             messages = prompt_messages(spec.instructions, [*s.conversation, user])
             params = generation_params(spec, s.id)
-            gen = None
             if s.ctx.speculative_generation and spec.in_conversation and not mcp_tools(spec.tools):
                 gen = self._generation = _Generation(messages, params)
             else:
@@ -142,13 +142,13 @@ class SpeculativePrefill:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a hint only: the response does the real work and reports errors
-            if self._generation is not None:
-                self._generation.failed = True  # not adopted from now on
-                self._generation.events.put_nowait(exc)  # the response that already adopted it fails
+            if gen is not None:
+                gen.failed = True  # not adopted from now on
+                gen.events.put_nowait(exc)  # a response that already adopted it fails with it
             log.debug("session %s: speculative prefill skipped: %s", self.s.id, exc)
         finally:
-            if self._generation is not None:
-                self._generation.events.put_nowait(_END)
+            if gen is not None:
+                gen.events.put_nowait(_END)
 
 
 async def _relay(task: asyncio.Task[None], events: asyncio.Queue[object]) -> AsyncIterator[LLMEvent]:

@@ -16,12 +16,14 @@ from .test_engine import ScriptedLLM, make_session, send
 QUESTION = "What is the capital of France?"
 
 
-async def speculating(llm: ScriptedLLM, *, generate: bool = True):
+async def speculating(llm: ScriptedLLM, *, generate: bool = True, create_response: bool = True):
     llm.prefills = True  # type: ignore[attr-defined]
     session = make_session(llm)
     session.ctx.speculative_prefill = True
     session.ctx.speculative_generation = generate
-    await send(session, {"type": "session.update", "session": {"type": "realtime", "output_modalities": ["text"]}})
+    turns = {"type": "server_vad", "create_response": create_response}
+    await send(session, {"type": "session.update", "session": {
+        "type": "realtime", "output_modalities": ["text"], "audio": {"input": {"turn_detection": turns}}}})
     transcript = asyncio.get_running_loop().create_future()
     transcript.set_result(SimpleNamespace(done=SimpleNamespace(text=QUESTION)))
     session.prefill.start(transcript)  # type: ignore[arg-type]
@@ -119,3 +121,10 @@ async def test_a_failed_speculation_is_not_adopted() -> None:
     session = await speculating(llm)
     await asyncio.sleep(0.15)
     assert session.prefill.adopt(llm.prompts[0], llm.params[0]) is None
+
+
+async def test_when_the_client_creates_the_responses_only_the_prompt_is_evaluated() -> None:
+    """create_response false: no response is coming to adopt a reply, which could run to its cap."""
+    llm = ScriptedLLM(["Paris"])
+    await speculating(llm, create_response=False)
+    assert llm.params[0].max_tokens == 0

@@ -130,7 +130,11 @@ class SpeculativePrefill:
                         content=[ContentPart(type="input_audio", transcript=text)])
             messages = prompt_messages(spec.instructions, [*s.conversation, user])
             params = generation_params(spec, s.id)
-            if s.ctx.speculative_generation and spec.in_conversation and not mcp_tools(spec.tools):
+            td = s.config.audio.input.turn_detection
+            # Only a turn that answers itself has a response coming to adopt the reply; otherwise
+            # (create_response false: the client decides) it could run to its token cap for nothing.
+            answers = td is not None and td.create_response and not s.transcription_only
+            if s.ctx.speculative_generation and answers and spec.in_conversation and not mcp_tools(spec.tools):
                 gen = self._generation = _Generation(messages, params)
             else:
                 params = dataclasses.replace(params, max_tokens=0)

@@ -52,7 +52,7 @@ def prefill_wanted(setting: bool | str, *, semantic: bool) -> bool:
     return bool(setting)
 
 
-_END = object()  # the speculative stream ended without a Finished event (cancelled, or failed)
+_END = object()  # the speculative request is over (after its Finished, its error, or neither)
 
 
 @dataclasses.dataclass(eq=False)
@@ -161,7 +161,7 @@ async def _relay(task: asyncio.Task[None], events: asyncio.Queue[object]) -> Asy
         while True:
             item = await events.get()
             if item is _END:
-                raise LLMError("The generation stopped before it finished")  # never seen: it ends or raises
+                raise LLMError("The generation stopped before it finished")  # a backend that ends unfinished
             if isinstance(item, BaseException):
                 raise item
             yield item  # type: ignore[misc]

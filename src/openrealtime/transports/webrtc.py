@@ -65,21 +65,26 @@ _SEND_LOW_WATER = 256 * 1024
 _MIN_PUSH_MS = 20
 # SCTP's max-message-size when the peer's SDP does not say (RFC 8841).
 _DEFAULT_PEER_MAX_MESSAGE = 65536
-# Frames of the caller's audio held back to put reordered packets right (`webrtc_input_jitter_frames`).
-# aiortc holds 4 (80 ms) for playout smoothness, but the engine does not play it: every turn's end
-# was noticed 80 ms late. One frame (an Opus frame is complete when the next packet arrives) still
-# mends adjacent swaps.
-INPUT_JITTER_FRAMES = 1
+_JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
 
 
-def shorten_input_jitter_buffer(pc: RTCPeerConnection, frames: int = INPUT_JITTER_FRAMES) -> None:
-    """Give each audio receiver a jitter buffer of `frames` (aiortc has no option for it: the
-    buffer is a private attribute; left as it is if aiortc renames it)."""
+def shorten_input_jitter_buffer(pc: RTCPeerConnection, frames: int) -> None:
+    """Hold `frames` (`webrtc_input_jitter_frames`) of each caller's audio instead of aiortc's 4.
+
+    aiortc holds 4 frames (80 ms) for playout smoothness, but the engine does not play the audio:
+    every turn's end was noticed 80 ms late. One frame (an Opus frame is complete when the next
+    packet arrives) still mends adjacent swaps. aiortc has no option for it: the buffer is a private
+    attribute, and if aiortc renames it the call says so and leaves aiortc's buffer.
+    """
     for transceiver in pc.getTransceivers():
+        if transceiver.kind != "audio":
+            continue
         receiver = transceiver.receiver
-        attr = "_RTCRtpReceiver__jitter_buffer"
-        if transceiver.kind == "audio" and isinstance(getattr(receiver, attr, None), JitterBuffer):
-            setattr(receiver, attr, JitterBuffer(capacity=16, prefetch=frames))
+        if isinstance(getattr(receiver, _JITTER_ATTR, None), JitterBuffer):
+            setattr(receiver, _JITTER_ATTR, JitterBuffer(capacity=16, prefetch=frames))
+        else:
+            log.warning("aiortc's receiver has no %s: the caller's audio keeps aiortc's 4-frame jitter buffer",
+                        _JITTER_ATTR)
 
 __all__ = [
     "EVENTS_CHANNEL",

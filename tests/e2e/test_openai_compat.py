@@ -229,7 +229,9 @@ async def test_remote_stt_and_tts_backends_against_our_own_endpoints(server: Ser
 
         events = [e async for e in stt.transcribe(resample(pcm24, 24000, 16000), language="en")]
         assert len(events) == 1 and isinstance(events[0], TranscriptDone)
-        assert {"quick", "brown", "fox"} <= words(events[0].text)
+        # The same judge as in test_speech_roundtrip: Piper's randomised synthesis of "quick" is misheard
+        # now and then (twice in CI), which is Whisper's error, not the remote backends'.
+        assert word_overlap(SENTENCE, events[0].text) >= 8 / 9, events[0].text
         assert 1.5 < events[0].duration_s < 8
 
         with pytest.raises(TTSError) as tts_error:

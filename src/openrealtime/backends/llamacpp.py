@@ -1047,17 +1047,21 @@ class LlamaCppBackend:
             if op.want_logits and op.done + take == len(tokens):
                 batch.logits[i - 1] = 1
         batch.n_tokens = i
-        # Prompts (any step with a prompt part, or many tokens) use every core: they run while the
-        # rest of the pipeline waits for the reply, right after STT finished, when a busy check
-        # would still see its last step and halve the speed. Generation uses every core while no
-        # speech model computes (two spinning ggml threads with one core taken elsewhere collapse,
-        # see __init__): a lone request whenever speech is idle at that moment, a batch only after
+        # No step uses every core while a speech model computes: two spinning ggml threads with one
+        # core taken collapse, for prompts as for generation (bench/concurrency.py, 8 calls, this
+        # box, quiet: prompt steps of ~30 tokens took 2-2.8 s with 2 threads; with 1 thread while
+        # speech computes the p50 first audible reply went 10.1 -> 5.7 s, 16 calls 19.4 -> 12.4 s).
+        # Otherwise prompts (a prompt part, or many tokens) use every core; generation uses every
+        # core while no speech model computes (see __init__): a lone request whenever speech is
+        # idle at that moment, a batch only after
         # a second without speech (text sessions). With several calls their speech keeps a core
         # busy most of the time, and a step that collides with it stalls both: bench/concurrency.py,
         # 4 calls, qwen2.5-1.5b, quiet machine: 2 threads whenever speech was idle gave 8.3 s to
         # first audio and a 9.4 s gap in one reply, 1 thread 7.0-7.3 s and gaps under 1 s.
-        many = (i >= _BATCH_THREADS_MIN_TOKENS or any(req.op.prompt for req, _ in parts)
-                or (busy_workers() == 0 if len(parts) == 1 else speech_idle_s() > _SPEECH_QUIET_S))
+        speech_busy = busy_workers() > 0
+        many = not speech_busy and (i >= _BATCH_THREADS_MIN_TOKENS or len(parts) == 1
+                                    or any(req.op.prompt for req, _ in parts)
+                                    or speech_idle_s() > _SPEECH_QUIET_S)
         threads = self.n_threads_batch if many else self.n_threads
         if self._threads != (threads, threads):
             self._native.set_n_threads(self._ctx, threads, threads)

@@ -11,6 +11,8 @@ and their replies overlap. Measured at the client, per N:
   between consecutive received audio frames (20 ms when paced perfectly), and received audio seconds
   per wall second (1.0 = real time; below 1.0 the server skipped frames because it fell behind);
   the longest silent run inside a reply (a TTS underrun shows as silence, not as missing frames);
+  and the server's own count (its /metrics) of outgoing frames sent late and of frame slots it
+  skipped after a stall: with both near 0 a reply heard slower than real time lagged in the client;
 - refused calls (POST /v1/realtime/calls answered 429/503) and failed turns (no `response.done`, or
   no audible reply, within `--turn-timeout`; a call stops after its first failed turn and its
   remaining turns count as failed too);
@@ -129,6 +131,20 @@ async def live_sessions(server: Server) -> float:
     return total(parse(response.text), "openrealtime_sessions_active")
 
 
+async def pacing_counters(server: Server) -> tuple[float, float] | None:
+    """The server's own count of outgoing WebRTC frames sent late and frame slots skipped after a
+    stall (so a reply heard slower than real time can be told apart from a client that lagged)."""
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
+            response = await http.get("/metrics", headers={"Authorization": f"Bearer {server.api_key}"})
+        response.raise_for_status()
+        samples = parse(response.text)
+    except (httpx.HTTPError, ValueError):
+        return None
+    return (total(samples, "openrealtime_audio_frames_late_total"),
+            total(samples, "openrealtime_audio_frames_dropped_total"))
+
+
 async def settle(server: Server, wait_s: float = 15) -> float | None:
     """Wait until the server reports no live sessions (the next N starts from zero); how many are left
     (None if GET /metrics did not answer in the shape tests/metrics_text.py reads)."""
@@ -239,6 +255,7 @@ async def run_call(call: Call, questions: list[str], barrier: asyncio.Barrier, s
 async def voice_round(server: Server, n: int, turns: int, speech: dict[str, bytes], timeout_s: float,
                       questions: list[str] = QUESTIONS) -> dict:
     cpu0, client0 = cpu_seconds(server.proc.pid), client_cpu_seconds()
+    pacing0 = await pacing_counters(server)
     start = time.monotonic()
     calls = await asyncio.gather(*(open_bench_call(server, i) for i in range(n)))
     live = [c for c in calls if c.peer is not None]
@@ -253,6 +270,9 @@ async def voice_round(server: Server, n: int, turns: int, speech: dict[str, byte
     left = await settle(server)
     wall = time.monotonic() - start
     cpu, client_cpu = cpu_seconds(server.proc.pid) - cpu0, client_cpu_seconds() - client0
+    pacing1 = await pacing_counters(server)
+    late, dropped = ((b - a for a, b in zip(pacing0, pacing1, strict=True)) if pacing0 and pacing1
+                     else (None, None))
     rows = [r for c in calls for r in c.turns]
     for r in rows:  # the server's waterfall, read from its log once the calls are over
         if r.get("response") and r.get("speech_end_at"):
@@ -272,6 +292,7 @@ async def voice_round(server: Server, n: int, turns: int, speech: dict[str, byte
         "realtime_ratio": audio / walls if walls else None,
         "realtime_ratio_min": min(r["reply_audio_s"] / r["reply_wall_s"] for r in ok) if ok else None,
         "longest_silence_ms_max": max(r["longest_silence_ms"] for r in ok) if ok else None,
+        "server_frames_late": late, "server_frames_dropped": dropped,
         "server_waterfall_median_ms": {s: median([r.get(s) for r in ok]) for s in STAGES},
         "sessions_left_after": left,
         "turns": rows,
@@ -384,7 +405,8 @@ def fmt(v: float | None, digits: int = 0) -> str:
 
 
 VOICE_HEAD = (f"{'N':>3} {'refused':>7} {'ok':>4} {'failed':>6} {'v2v p50':>8} {'v2v p95':>8} {'cpu s/turn':>10} "
-              f"{'client cpu s':>12} {'gap p95':>8} {'rt ratio':>8} {'silence max':>11} "
+              f"{'client cpu s':>12} {'gap p95':>8} {'rt ratio':>8} {'silence max':>11} {'srv late':>8} "
+              f"{'srv drop':>8} "
               + " ".join(f"{s:>15}" for s in WATERFALL))
 TEXT_HEAD = (f"{'N':>3} {'refused':>7} {'ok':>4} {'failed':>6} {'1st delta p50':>13} {'1st delta p95':>13} "
              f"{'agg tok/s':>9} {'stream tok/s':>12} {'cpu s/turn':>10} {'client cpu s':>12}")
@@ -395,7 +417,8 @@ def voice_line(r: dict) -> str:
     return (f"{r['n']:>3} {r['refused']:>7} {r['turns_ok']:>4} {r['turns_failed']:>6} {fmt(r['v2v_p50_ms']):>8} "
             f"{fmt(r['v2v_p95_ms']):>8} {fmt(r['server_cpu_s_per_turn'], 2):>10} {fmt(r['client_cpu_s'], 1):>12} "
             f"{fmt(r['frame_gap_p95_ms'], 1):>8} {fmt(r['realtime_ratio'], 3):>8} "
-            f"{fmt(r['longest_silence_ms_max']):>11} " + " ".join(f"{fmt(w[s]):>15}" for s in WATERFALL))
+            f"{fmt(r['longest_silence_ms_max']):>11} {fmt(r['server_frames_late']):>8} "
+            f"{fmt(r['server_frames_dropped']):>8} " + " ".join(f"{fmt(w[s]):>15}" for s in WATERFALL))
 
 
 def text_line(r: dict) -> str:
@@ -456,7 +479,8 @@ def main() -> None:
             print(text_line(r))
     else:
         print("ms from the end of user speech; gap = ms between received frames (20 = paced); rt ratio = reply "
-              "audio s per wall s; waterfall = server medians\n" + VOICE_HEAD)
+              "audio s per wall s; srv late / srv drop = frames the server sent late / slots it skipped (its "
+              "/metrics); waterfall = server medians\n" + VOICE_HEAD)
         for r in rows:
             print(voice_line(r))
     print(f"server log: {server.log_path} ({problems})")

@@ -362,6 +362,11 @@ def frame_to_mono_pcm16(frame: av.AudioFrame) -> bytes:
     channels = len(frame.layout.channels)
     if fmt.name in ("s16", "s16p") and channels == 1:
         return bytes(frame.planes[0])[: frame.samples * 2]
+    if fmt.name == "s16" and channels == 2:
+        # Every caller frame of every call passes here on the event loop: reading the plane directly
+        # takes ~7 us instead of to_ndarray's ~40 (50 frames/s per call).
+        both = np.frombuffer(frame.planes[0], dtype=np.int16, count=frame.samples * 2).astype(np.int32)
+        return ((both[0::2] + both[1::2]) >> 1).astype("<i2").tobytes()
     data = frame.to_ndarray()
     if not fmt.is_planar:  # interleaved: one row of samples*channels values
         data = data.reshape(-1, channels).T

@@ -27,11 +27,17 @@ install: $(VENV)/.installed
 LLAMA_SERVER_VENV := $(VENV)/llama-server
 # llama-cpp-python's OpenAI-compatible server: the real third-party upstream of
 # tests/e2e/test_remote_backends.py, in its own venv so its web stack cannot disturb ours.
-# Builds llama.cpp from source once (~3.5 min on 2 cores); pip caches the wheel (then ~10 s).
+# Builds llama.cpp from source (~3.5 min on 2 cores), for AVX2 rather than the build machine's own
+# CPU: a native build on a Xeon with AMX crashes in ggml's AMX matmul under the Firecracker VM
+# (SIGSEGV in ggml_backend_amx_mul_mat), and a wheel built natively on one machine kind and taken
+# from pip's cache on another could use instructions it lacks, so the wheel is never cached.
+LLAMA_SERVER_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 $(LLAMA_SERVER_VENV)/.installed: | $(BIN)/python
 	$(PYTHON) -m venv $(LLAMA_SERVER_VENV)
 	$(LLAMA_SERVER_VENV)/bin/pip install -q --upgrade pip
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(LLAMA_SERVER_VENV)/bin/pip install -q 'llama-cpp-python[server]==0.3.36'
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMA_SERVER_CMAKE_ARGS)" $(LLAMA_SERVER_VENV)/bin/pip install -q \
+		--no-cache-dir 'llama-cpp-python[server]==0.3.36'
 	touch $@
 
 serve: install

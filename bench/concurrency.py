@@ -74,7 +74,7 @@ from bench.voice_latency import (  # noqa: E402
 from tests.audio_fixtures import speak  # noqa: E402
 from tests.e2e.conftest import Server, client, start_server, stop_server  # noqa: E402
 from tests.e2e.webrtc_client import Peer, answer_of, hangup, post_offer  # noqa: E402
-from tests.metrics_text import parse, total  # noqa: E402
+from tests.metrics_text import Key, parse, total  # noqa: E402
 
 SILENCE_MS = 500  # server_vad silence_duration_ms
 REFUSED = (429, 503)
@@ -124,21 +124,23 @@ def pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-async def live_sessions(server: Server) -> float:
+async def scrape(server: Server) -> dict[Key, float]:
+    """GET /metrics, parsed (raises httpx.HTTPError, or ValueError for an exposition it cannot read)."""
     async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
         response = await http.get("/metrics", headers={"Authorization": f"Bearer {server.api_key}"})
     response.raise_for_status()
-    return total(parse(response.text), "openrealtime_sessions_active")
+    return parse(response.text)
+
+
+async def live_sessions(server: Server) -> float:
+    return total(await scrape(server), "openrealtime_sessions_active")
 
 
 async def pacing_counters(server: Server) -> tuple[float, float] | None:
     """The server's own count of outgoing WebRTC frames sent late and frame slots skipped after a
     stall (so a reply heard slower than real time can be told apart from a client that lagged)."""
     try:
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
-            response = await http.get("/metrics", headers={"Authorization": f"Bearer {server.api_key}"})
-        response.raise_for_status()
-        samples = parse(response.text)
+        samples = await scrape(server)
     except (httpx.HTTPError, ValueError):
         return None
     return (total(samples, "openrealtime_audio_frames_late_total"),
@@ -271,8 +273,9 @@ async def voice_round(server: Server, n: int, turns: int, speech: dict[str, byte
     wall = time.monotonic() - start
     cpu, client_cpu = cpu_seconds(server.proc.pid) - cpu0, client_cpu_seconds() - client0
     pacing1 = await pacing_counters(server)
-    late, dropped = ((b - a for a, b in zip(pacing0, pacing1, strict=True)) if pacing0 and pacing1
-                     else (None, None))
+    late = dropped = None
+    if pacing0 and pacing1:
+        late, dropped = pacing1[0] - pacing0[0], pacing1[1] - pacing0[1]
     rows = [r for c in calls for r in c.turns]
     for r in rows:  # the server's waterfall, read from its log once the calls are over
         if r.get("response") and r.get("speech_end_at"):

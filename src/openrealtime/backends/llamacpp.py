@@ -153,10 +153,11 @@ class _Native:
 
     def __init__(self) -> None:
         # ggml's threads are an OpenMP team, and libgomp's default spin before sleeping (300,000
-        # rounds, milliseconds) keeps a waiting thread on its core while STT, TTS and media want it;
-        # libgomp reads this when ik_llama.cpp's own copy loads (the import below). bench/concurrency.py
-        # --n 1 8 --turns 3, qwen2.5-1.5b, quiet, 3 runs each: 8 calls p50 10.3 -> 9.3 s, server CPU
-        # per turn -13% (1 call) and -29% (8 calls), 1 call unchanged (1.82 -> 1.78 s); idle decode speed unchanged.
+        # rounds) keeps a waiting thread on its core while STT, TTS and media want it. libgomp reads
+        # this once, when ik_llama.cpp's own copy loads (the import below); child processes inherit
+        # it. bench/concurrency.py --n 1 8 --turns 3, qwen2.5-1.5b, 2-core Intel Xeon, quiet, 3
+        # alternating runs each: 8 calls p50 10.3 -> 9.3 s, server CPU per turn -13% (1 call) and
+        # -29% (8 calls), 1 call unchanged (1.82 -> 1.78 s); idle decode speed unchanged.
         if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
             os.environ["GOMP_SPINCOUNT"] = str(_GOMP_SPINCOUNT)
         from ik_llama_cpp import _ctypes_api as C  # loads libllama.so: keep out of module import

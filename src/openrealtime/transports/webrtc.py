@@ -363,8 +363,8 @@ def frame_to_mono_pcm16(frame: av.AudioFrame) -> bytes:
     if fmt.name in ("s16", "s16p") and channels == 1:
         return bytes(frame.planes[0])[: frame.samples * 2]
     if fmt.name == "s16" and channels == 2:
-        # Every caller frame of every call passes here on the event loop: reading the plane directly
-        # takes ~7 us instead of to_ndarray's ~40 (50 frames/s per call).
+        # Every caller frame of every call passes here on the event loop (50 a second per call): read
+        # from the plane itself this call takes ~13 us, through to_ndarray ~40 (timeit, 20 ms frames).
         both = np.frombuffer(frame.planes[0], dtype=np.int16, count=frame.samples * 2).astype(np.int32)
         return ((both[0::2] + both[1::2]) >> 1).astype("<i2").tobytes()
     data = frame.to_ndarray()

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -352,29 +349,6 @@ async def test_close_fails_running_and_queued_requests(model_path: Path) -> None
         await collect(llm, ask("Hi"))
     assert info.value.code == "model_closed"
     await llm.close()  # idempotent
-
-
-@pytest.mark.parametrize("preset", [None, "OMP_WAIT_POLICY=ACTIVE", "GOMP_SPINCOUNT=50000"])
-def test_ggml_threads_spin_briefly_unless_the_environment_says_otherwise(model_path: Path,
-                                                                       preset: str | None) -> None:
-    """libgomp's default spin keeps idle ggml threads on cores that STT/TTS need; it is read once, when
-    ik_llama.cpp's libgomp loads, so this runs in a fresh process (the bindings are process-wide)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    if preset:
-        key, value = preset.split("=")
-        env[key] = value
-    code = (
-        "import os, sys\n"
-        "from openrealtime.backends.llamacpp import LlamaCppBackend\n"
-        "assert 'GOMP_SPINCOUNT' not in os.environ or os.environ.get('GOMP_SPINCOUNT') == '50000'\n"
-        "llm = LlamaCppBackend(sys.argv[1], n_ctx=256, n_threads=2, check_batching=False)\n"
-        "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code, str(model_path)], env=env, capture_output=True, text=True,
-                         timeout=120, check=True).stdout.split()
-    expected = {None: ["1000", "None"], "OMP_WAIT_POLICY=ACTIVE": ["None", "ACTIVE"],
-                "GOMP_SPINCOUNT=50000": ["50000", "None"]}[preset]
-    assert out == expected
 
 
 async def test_invalid_model_file_raises_llm_error(tmp_path: Path) -> None:

@@ -127,8 +127,6 @@ _BATCH_THREADS_MIN_TOKENS = 32
 _MIN_SHARED_PREFIX = 16
 # A batch generates on every core once no speech model has computed for this long (see _decode_parts).
 _SPEECH_QUIET_S = 1.0
-# Rounds an idle ggml (OpenMP) thread spins before it sleeps, unless the environment sets its own (see _Native).
-_GOMP_SPINCOUNT = 1000
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -152,14 +150,6 @@ class _Native:
     _guard = threading.Lock()
 
     def __init__(self) -> None:
-        # ggml's threads are an OpenMP team, and libgomp's default spin before sleeping (300,000
-        # rounds) keeps a waiting thread on its core while STT, TTS and media want it. libgomp reads
-        # this once, when ik_llama.cpp's own copy loads (the import below); child processes inherit
-        # it. bench/concurrency.py --n 1 8 --turns 3, qwen2.5-1.5b, 2-core Intel Xeon, quiet, 3
-        # alternating runs each: 8 calls p50 10.3 -> 9.3 s, server CPU per turn -13% (1 call) and
-        # -29% (8 calls), 1 call unchanged (1.82 -> 1.78 s); idle decode speed unchanged.
-        if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
-            os.environ["GOMP_SPINCOUNT"] = str(_GOMP_SPINCOUNT)
         from ik_llama_cpp import _ctypes_api as C  # loads libllama.so: keep out of module import
 
         self.C = C

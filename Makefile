@@ -8,7 +8,7 @@ PORT   ?= 8000
 # Tests run on the tiny SmolLM2 (fast CI on 2 CPU cores); the tool-decision tests use the default 1.5B.
 TEST_MODELS ?= smollm2-135m qwen2.5-1.5b whisper-base
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench clean llm-native llm-prebuilt
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ $(LLAMA_SERVER_VENV)/.installed: | $(BIN)/python
 	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMA_SERVER_CMAKE_ARGS)" $(LLAMA_SERVER_VENV)/bin/pip install -q \
 		--no-cache-dir 'llama-cpp-python[server]==0.3.36'
 	touch $@
+
+# Opt-in: the LLM runtime rebuilt for this machine's CPU (AVX-512/VNNI where present; the PyPI
+# wheel is AVX2-only). Machine-specific, ~6-15 min on 2 cores; see scripts/build-native-llm.sh.
+llm-native: install
+	VENV=$(VENV) bash scripts/build-native-llm.sh
+
+llm-prebuilt: install
+	$(BIN)/pip install -q --no-deps --force-reinstall "$$(grep -o 'ik-llama-cpp-python==[0-9.]*' pyproject.toml)"
 
 serve: install
 	$(BIN)/openrealtime models install $(MODEL)

@@ -142,6 +142,12 @@ class Settings(BaseSettings):
     # so the first answer does not wait for them (False: each loads on first use).
     warm_start: bool = True
 
+    # Niceness (0-19) of the in-process model threads: the llama.cpp thread and the STT/TTS
+    # workers. The event loop, which paces every call's outgoing audio, keeps the process's own, so
+    # on a saturated box media stays real time and the models slow down instead. 0: equal shares.
+    llm_thread_nice: int = Field(default=0, ge=0, le=19)
+    speech_thread_nice: int = Field(default=0, ge=0, le=19)
+
     # Speech stages (offline defaults: Silero VAD, Whisper tiny.en, Piper en_US-joe-medium).
     vad_enabled: bool = True
     vad_threads: int = 1

@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from ..backends.mcp_client import StreamableHttpMcp
 from ..backends.registry import LLMRegistry
 from ..backends.speech_registry import load_speech_backends
+from ..backends.worker import set_thread_nice
 from ..config import Settings
 from ..engine import EngineContext
 from ..engine.ratelimit import RateLimiter
@@ -36,6 +37,7 @@ _SHUTDOWN_STEP_S = 5.0
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the app; models load lazily on first use (or eagerly with `preload`)."""
+    set_thread_nice(llm=settings.llm_thread_nice, speech=settings.speech_thread_nice)
     llm = LLMRegistry(settings)
     speech = load_speech_backends(settings)
     # Ephemeral keys, rate-limit buckets and the node/call registries: this process, or shared (Redis).

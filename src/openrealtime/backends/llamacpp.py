@@ -65,6 +65,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from openrealtime import telemetry
+from openrealtime.backends import worker
 from openrealtime.backends.llm import (
     ChatMessage,
     Finished,
@@ -520,6 +521,7 @@ class _ComputeThread:
         return future
 
     def _run(self) -> None:
+        worker.lower_thread_priority("llm")  # before ggml's OpenMP pool is created from this thread
         busy = self._busy
         while True:
             self._take(block=not busy)

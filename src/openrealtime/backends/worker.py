@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -32,6 +33,33 @@ logger = logging.getLogger(__name__)
 _busy = 0
 _busy_lock = threading.Lock()
 _last_step_at = float("-inf")  # monotonic time a step last started or ended
+
+
+# Scheduling niceness the compute threads give themselves when they start, by kind ("llm": the
+# llama.cpp thread, "speech": STT/TTS workers); set once by the app from its settings.
+_thread_nice = {"llm": 0, "speech": 0}
+
+
+def set_thread_nice(*, llm: int, speech: int) -> None:
+    """Niceness for compute threads started from now on: the event loop (media pacing for every
+    call) stays at the process's own, so under saturation the kernel gives it the CPU first and
+    the model threads take what is left (a thread's helpers, OpenMP or CTranslate2 pools, inherit
+    it when the thread creates them)."""
+    _thread_nice["llm"] = max(0, llm)
+    _thread_nice["speech"] = max(0, speech)
+
+
+def lower_thread_priority(kind: str) -> None:
+    """Raise the calling thread's niceness by its kind's setting (Linux: niceness is per thread;
+    elsewhere, or without permission, a no-op that logs once)."""
+    by = _thread_nice.get(kind, 0)
+    if by <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    except OSError as exc:
+        logger.warning("Could not lower the priority of thread %s: %s", threading.current_thread().name, exc)
 
 
 def busy_workers() -> int:
@@ -173,6 +201,7 @@ class WorkerThread:
                 task.drop()
 
     def _run(self) -> None:
+        lower_thread_priority("speech")  # before the model loads here and starts its own threads
         while True:
             task = self._next()
             _count_busy(1)

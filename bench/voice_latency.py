@@ -127,6 +127,7 @@ async def webrtc_turns(server: Server, questions: list[bytes], silence_ms: int,
                          None)
             row = turn_row(server, response["id"], mic.speech_end_at, first.at if first else None)
             row["reply_text"] = reply_transcript(response)
+            row.update(prompt_usage(response))
             said = [e.get("transcript", "") for e in events
                     if e["type"] == "conversation.item.input_audio_transcription.completed"]
             row["user_transcript"] = said[-1] if said else None
@@ -135,6 +136,13 @@ async def webrtc_turns(server: Server, questions: list[bytes], silence_ms: int,
     finally:
         await peer.close()
     return rows
+
+
+def prompt_usage(response: dict[str, Any]) -> dict[str, int | None]:
+    """The reply's prompt tokens and how many of them the LLM had cached (the rest it evaluated)."""
+    usage = response.get("usage") or {}
+    details = usage.get("input_token_details") or {}
+    return {"input_tokens": usage.get("input_tokens"), "cached_tokens": details.get("cached_tokens")}
 
 
 def reply_transcript(response: dict[str, Any]) -> str:

@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     # The prefill goes on generating the reply (nothing is sent); the turn's response adopts it when
     # its prompt and sampling match, so its first words are already written. False: prompt only.
     llm_speculate: bool = True
+    # Realtime sessions with a local model (and llm_prefill on): while the user speaks, the utterance
+    # so far is transcribed after each this many ms of new speech (only while no other transcription
+    # runs) and the prompt is evaluated up to those words, so the end of the turn has fewer left.
+    # 0: only the part before the user's words is evaluated early.
+    llm_prefill_words_ms: int = Field(default=700, ge=0, le=60_000)
     # WebRTC: frames (20 ms) of the caller's audio held to reorder packets before the engine gets
     # them; aiortc's own default is 4 (transports/webrtc.py).
     webrtc_input_jitter_frames: int = Field(default=1, ge=1, le=8)

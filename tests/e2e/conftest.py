@@ -107,7 +107,7 @@ def start_server(extra_env: dict[str, str] | None = None, name: str = "server", 
     log = open(log_path, "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "openrealtime.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         *(["--preload"] if preload else []), "--log-level", "info"],
+         *(["--preload"] if preload else []), "--log-level", os.environ.get("OPENREALTIME_TEST_LOG_LEVEL", "info")],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     base = f"http://127.0.0.1:{port}"

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from openrealtime.backends.gguf import ensure_model
+from openrealtime.backends.llamacpp import LlamaCppBackend
+from openrealtime.backends.llm import ChatMessage, Finished, GenerationParams
 from tests.audio_fixtures import silence, speak
 from tests.metrics_text import total
 
@@ -75,6 +78,12 @@ async def test_with_the_setting_off_nothing_is_prefilled_and_by_default_a_server
     assert usage["input_token_details"]["cached_tokens"] >= usage["input_tokens"] - 1, usage
 
 
+def opened(after: dict, before: dict) -> float:
+    """Open prefills (while the user spoke: the prompt up to the words so far) between two scrapes."""
+    return total(after, "openrealtime_speculative_llm_requests_total", kind="open") - \
+        total(before, "openrealtime_speculative_llm_requests_total", kind="open")
+
+
 def turn_timing(server: Server, response_id: str) -> dict:
     """The server's turn-timing line for a response (engine/session.py)."""
     for line in server.log_text().splitlines():
@@ -109,8 +118,59 @@ async def test_by_default_the_response_adopts_the_speculative_generation(default
     types = rec.types()
     assert types.count("response.created") == 1 and types.count("response.done") == 1, types
     # The speculation (the response's own stream) and nothing else, unless a pause inside the
-    # question started one more that was thrown away.
-    assert 1 <= total(await scrape(default_server), requests) - total(before, requests) <= 2
+    # question started one more that was thrown away; besides the open prefills while it was spoken.
+    after = await scrape(default_server)
+    assert opened(after, before) >= 1  # at least the one at the start of speech
+    assert 1 <= total(after, requests) - total(before, requests) - opened(after, before) <= 2
+
+
+@pytest.fixture(scope="module")
+async def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LlamaCppBackend]:
+    """The servers' model (SmolLM2-135M) in this process, to count the tokens of their prompts."""
+    path = ensure_model("smollm2-135m", tmp_path_factory.mktemp("models"), progress=False)
+    llm = await asyncio.to_thread(LlamaCppBackend, path, n_ctx=1024, n_threads=1, check_batching=False)
+    yield llm
+    await llm.close()
+
+
+async def test_from_the_start_of_speech_the_prompt_is_evaluated_up_to_the_words(
+        default_server: Server, tokenizer: LlamaCppBackend):
+    """semantic_vad (no prefill at its pauses by default): as the user starts speaking, the prompt
+    up to their message's first word is evaluated (the end of the reply before, the user's header),
+    then the words so far (partial transcripts): at the end of the turn only the last words and the
+    template's end of turn are left."""
+    instructions = "You are a helpful assistant. Answer in one short sentence."
+    config = {**voice_session(500), "instructions": instructions,
+              "audio": {"input": {"transcription": {"model": "whisper-1"},
+                                  "turn_detection": {"type": "semantic_vad", "eagerness": "high"}}}}
+    turns: list[tuple[str, dict]] = []
+    async with client(default_server).realtime.connect(model="gpt-realtime") as conn:
+        rec = Recorder(conn)
+        await rec.wait_for("session.created")
+        await conn.session.update(session=config)  # type: ignore[arg-type]
+        await rec.wait_for("session.updated")
+        for question in ("What is the capital of France?",
+                         "Now tell me the name of the capital city of Italy."):  # no comma: no pause
+            mark = len(rec.events)
+            await send_audio(conn, silence(400, RATE) + speak(question, RATE) + silence(2500, RATE), speedup=1.0)
+            done = (await rec.wait_for("response.done", after=mark))["response"]
+            said = await rec.wait_for("conversation.item.input_audio_transcription.completed", after=mark)
+            turns.append((said["transcript"], done))
+        rec.task.cancel()
+    (said1, done1), (said2, done2) = turns
+    assert done2["status"] in ("completed", "incomplete"), done2
+    history = [ChatMessage("system", instructions), ChatMessage("user", said1),
+               ChatMessage("assistant", done1["output"][0]["content"][0]["text"])]
+    full = await tokenizer.count_tokens([*history, ChatMessage("user", said2)])
+    assert done2["usage"]["input_tokens"] == full  # the server's prompt, rebuilt here exactly
+    opened = [e async for e in tokenizer.stream([*history, ChatMessage("user", "")],
+                                                GenerationParams(max_tokens=0, open_last=True))]
+    assert isinstance(opened[-1], Finished)
+    header = opened[-1].usage.prompt_tokens
+    tail = full - (await tokenizer.count_tokens([*history, ChatMessage("user", said2[:-1])]))  # the end of turn
+    cached = done2["usage"]["input_token_details"]["cached_tokens"]
+    # More than the header (words were read while the user spoke), never the end of the turn.
+    assert header + 2 <= cached <= full - tail, (cached, header, full, tail, said2)
 
 
 async def test_speaking_on_discards_the_speculative_reply(default_server: Server):
@@ -133,8 +193,10 @@ async def test_speaking_on_discards_the_speculative_reply(default_server: Server
         deltas = [e for e in rec.events if e["type"] == "response.output_text.delta"]
         assert deltas and {e["response_id"] for e in deltas} == {done["id"]}, deltas
         assert "".join(e["delta"] for e in deltas) == done["output"][0]["content"][0]["text"]
-        # Two speculations: the one at the pause (discarded) and the one the response adopted.
-        if total(await scrape(default_server), requests) - total(before, requests) >= 2 \
+        # Two speculations (besides the open prefills while the user spoke): the one at the pause
+        # (discarded) and the one the response adopted.
+        after = await scrape(default_server)
+        if total(after, requests) - total(before, requests) - opened(after, before) >= 2 \
                 and turn_timing(default_server, done["id"])["speculative_llm"] == 1.0:
             break
     else:
@@ -174,8 +236,10 @@ async def test_speaking_on_after_a_pause_discards_the_speculation(server: Server
         words = completed[0]["transcript"].lower()
         assert "name" in words and "france" in words, words  # the full utterance, not the speculation
         assert done["status"] in ("completed", "incomplete"), done
-        # Three LLM requests: the prefill at the pause (thrown away), the one at the end, the response.
-        if total(await scrape(server), requests) - total(before, requests) >= 3:
+        # Three LLM requests besides the open prefills while the user spoke: the prefill at the
+        # pause (thrown away), the one at the end, the response.
+        after = await scrape(server)
+        if total(after, requests) - total(before, requests) - opened(after, before) >= 3:
             break
     else:
         raise AssertionError("no prefill at the pause in three attempts")

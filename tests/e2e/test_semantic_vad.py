@@ -215,11 +215,14 @@ async def test_noise_reduction_on_noise_alone_and_noisy_speech(server: Server):
 
 
 async def test_a_semantic_vad_turn_is_not_prefilled_by_default(server: Server):
-    """`llm_prefill` "auto" (the default, which the shared server runs with) prefills server_vad
-    turns only (tests/e2e/test_prefill.py has that side): a smart-turn decision comes too soon for it."""
+    """`llm_prefill` "auto" (the default, which the shared server runs with) prefills at the pause
+    in server_vad turns only (tests/e2e/test_prefill.py has that side, and the open prefill at the
+    start of speech that semantic_vad turns get too): a smart-turn decision comes too soon for it."""
     question = speak("Name one colour of the rainbow.", RATE)  # asked nowhere else: no other cache has it
     events = await run(server, {**session({"type": "semantic_vad", "eagerness": "low"}), "max_output_tokens": 16},
                        silence(LEAD_MS, RATE) + question + silence(2500, RATE), until="response.done")
     usage = first(events, "response.done")["response"]["usage"]
-    # Only a shared prefix (the chat template and instructions) can come from the cache, not the question.
-    assert usage["input_token_details"]["cached_tokens"] < usage["input_tokens"] - 8, usage
+    # What precedes the question and the words read while it was spoken can come from the cache,
+    # not the end of the turn (ChatML's "<|im_end|>\n<|im_start|>assistant\n", 5 tokens): a
+    # prefill at the pause would leave only the last token out.
+    assert usage["input_token_details"]["cached_tokens"] <= usage["input_tokens"] - 5, usage

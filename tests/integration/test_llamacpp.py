@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -104,6 +105,27 @@ async def test_next_turn_reuses_kv_cache(backend: LlamaCppBackend) -> None:
     assert done2.usage.prompt_tokens > done1.usage.prompt_tokens
     assert done2.usage.cached_tokens >= done1.usage.prompt_tokens - 1
     assert done2.usage.cached_tokens < done2.usage.prompt_tokens
+
+
+async def test_an_open_prompt_is_the_finished_prompt_up_to_the_words_so_far(backend: LlamaCppBackend) -> None:
+    """`open_last` (a turn still being spoken): the prompt stops where the last message's text does,
+    so the finished prompt goes on from it; nothing is generated, whatever max_tokens says."""
+    history = [SYSTEM, ChatMessage("user", "Hi"), ChatMessage("assistant", "Hello! How can I help?")]
+    open_params = GenerationParams(temperature=0.0, max_tokens=None, open_last=True, cache_key="open-prompt")
+    text, header, deltas = await collect(backend, [*history, ChatMessage("user", "")], open_params)
+    assert (text, deltas, header.finish_reason, header.usage.completion_tokens) == ("", 0, "length", 0)
+    # The words so far: they go on from the user's header, which the cache has.
+    _, partial, _ = await collect(backend, [*history, ChatMessage("user", "What is the capital")], open_params)
+    assert partial.usage.cached_tokens == header.usage.prompt_tokens
+    assert partial.usage.prompt_tokens > header.usage.prompt_tokens
+    # The finished turn: only the rest of the words and the template's end of turn are evaluated.
+    question = [*history, ChatMessage("user", "What is the capital of France?")]
+    finished_params = dataclasses.replace(GREEDY, cache_key="open-prompt")
+    answer, full, _ = await collect(backend, question, finished_params)
+    assert full.usage.cached_tokens == partial.usage.prompt_tokens
+    assert full.usage.prompt_tokens - full.usage.cached_tokens <= 12, full.usage
+    alone = dataclasses.replace(GREEDY, cache_key="open-prompt-alone")
+    assert answer == (await collect(backend, question, alone))[0]  # as in a slot of its own
 
 
 async def test_greedy_is_deterministic_whatever_the_cache_holds(backend: LlamaCppBackend) -> None:

@@ -128,3 +128,64 @@ async def test_when_the_client_creates_the_responses_only_the_prompt_is_evaluate
     llm = ScriptedLLM(["Paris"])
     await speculating(llm, create_response=False)
     assert llm.params[0].max_tokens == 0
+
+
+class SlowPrompt(ScriptedLLM):
+    """Takes 0.2 s over any prompt, then ends without a word."""
+
+    async def stream(self, messages: list[ChatMessage], params):  # type: ignore[override]
+        self.prompts.append(messages)
+        self.params.append(params)
+        await asyncio.sleep(0.2)
+        yield Finished(finish_reason="length")
+
+
+async def open_session(llm: ScriptedLLM, *, setting: bool | str = "auto", turns: dict | None = None):
+    llm.prefills = True  # type: ignore[attr-defined]
+    session = make_session(llm)
+    session.ctx.speculative_prefill = setting
+    await send(session, {"type": "session.update", "session": {
+        "type": "realtime", "output_modalities": ["text"], "instructions": "Be brief.",
+        "audio": {"input": {"turn_detection": turns or {"type": "semantic_vad"}}}}})
+    return session
+
+
+async def settled(llm: ScriptedLLM, n: int = 1) -> None:
+    for _ in range(100):
+        if len(llm.prompts) >= n:
+            return
+        await asyncio.sleep(0.005)
+
+
+async def test_the_start_of_speech_evaluates_the_prompt_up_to_the_users_words() -> None:
+    """The open prefill (`start_turn`): the conversation and an empty, open user message, prompt
+    only; a semantic_vad pause (no prefill there under "auto") leaves it running."""
+    llm = SlowPrompt([])
+    session = await open_session(llm)
+    session.prefill.start_turn()
+    await settled(llm)
+    [messages], [params] = llm.prompts, llm.params
+    assert [(m.role, m.content) for m in messages] == [("system", "Be brief."), ("user", "")]
+    assert params.open_last and params.max_tokens == 0 and params.cache_key == session.id
+    task = session.prefill._task
+    transcript = asyncio.get_running_loop().create_future()
+    session.prefill.start(transcript, semantic=True)  # type: ignore[arg-type]
+    assert session.prefill._task is task and task is not None and not task.done()
+    await asyncio.wait_for(task, 1)  # ran to its end
+    await session.prefill.settle()
+    assert session.prefill.adopt(messages, params) is None  # a prompt, not a reply to adopt
+
+
+@pytest.mark.parametrize("case", ["setting off", "client answers", "no turn detection", "responding"])
+async def test_no_open_prefill_when_nothing_would_use_it(case: str) -> None:
+    llm = ScriptedLLM(["x"])
+    turns = {"type": "server_vad", "create_response": case != "client answers"}
+    session = await open_session(llm, setting=case != "setting off" and "auto", turns=turns)
+    if case == "no turn detection":
+        await send(session, {"type": "session.update", "session": {
+            "type": "realtime", "audio": {"input": {"turn_detection": None}}}})
+    if case == "responding":
+        session._active = object()  # type: ignore[assignment]  # its request holds the cache slot
+    session.prefill.start_turn()
+    await asyncio.sleep(0.05)
+    assert llm.prompts == [] and session.prefill._task is None

@@ -209,3 +209,58 @@ async def test_realtime_sessions_get_no_partial_decodes():
     assert types.index("conversation.item.input_audio_transcription.delta") > types.index(
         "input_audio_buffer.committed")
     await s.close()
+
+
+class GuessingSTT(GrowingSTT):
+    """GrowingSTT with the quick partial decode the prefill's words use (`partial=True`)."""
+
+    supports_partial = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.partial_calls: list[int] = []  # ms of audio of the partial decodes
+
+    async def transcribe(self, pcm16: bytes, *, language=None, prompt=None, word_probabilities=False,
+                         partial=False) -> AsyncIterator:
+        if partial:
+            self.partial_calls.append(len(pcm16) // 32)
+        async for chunk in super().transcribe(pcm16, language=language, prompt=prompt,
+                                              word_probabilities=word_probabilities):
+            yield chunk
+
+
+async def test_realtime_sessions_decode_the_words_so_far_only_for_the_llm():
+    """A local LLM (`prefills`) and `prefill_words_ms`: while the user speaks, the utterance so
+    far is decoded and its words but the last (likely cut) become open prefills; nothing reaches
+    the client before the commit, and the turn's transcript is its own final decode."""
+    stt, llm = GuessingSTT(), ScriptedLLM(["Sure."])
+    llm.prefills = True  # type: ignore[attr-defined]
+
+    async def resolve(model: str | None) -> ScriptedLLM:
+        return llm
+
+    ctx = EngineContext(resolve_llm=resolve, default_model="m", default_instructions="Be brief.",
+                        vad=EnergyVAD(), stt=stt, speculative_prefill="auto", prefill_words_ms=500)
+    s = RealtimeSession(ctx, transport="websocket")
+    await s.start()
+    await drain(s)
+    await send(s, {"type": "session.update", "session": {"type": "realtime", "output_modalities": ["text"],
+               "audio": {"input": {"transcription": {"model": "whisper-1"},
+                                   "turn_detection": {"type": "server_vad", "silence_duration_ms": 300}}}}})
+    await drain(s)
+    await speak_into(s, quiet(300) + tone(2000))
+    assert len(stt.partial_calls) >= 2, stt.partial_calls
+    opened = [(m[-1].content, p) for m, p in zip(llm.prompts, llm.params, strict=True) if p.open_last]
+    assert opened[0][0] == ""  # the start of speech: the prompt up to the user's first word
+    said = [content for content, _ in opened[1:]]
+    assert said and all(" ".join(WORDS).startswith(c) and c for c in said), said
+    assert all(p.max_tokens == 0 and p.cache_key == s.id for _, p in opened)
+    before_commit = await drain(s)
+    assert not any(e["type"].startswith("conversation.item.input_audio_transcription") for e in before_commit)
+    await speak_into(s, quiet(600))
+    events = await drain(s, "response.done")
+    completed = next(e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed")
+    assert completed["transcript"] == " ".join(WORDS[:(300 + 2000) // 250])  # with the prefix padding
+    answer = llm.prompts[-1]
+    assert not llm.params[-1].open_last and answer[-1].content == completed["transcript"]
+    await s.close()

@@ -46,3 +46,14 @@ def test_compression_ratio_flags_repetition() -> None:
     assert compression_ratio("") == 0.0
     assert compression_ratio("What is the capital of France?") < 2.4
     assert compression_ratio("What is the capital of France? " * 8) > 2.4
+
+
+def test_a_partial_decode_keeps_its_unclosed_last_segment() -> None:
+    """Audio cut mid-speech (the prefill's words so far): Whisper often never closes the last
+    segment or runs to the bound; a guess is wanted there, not the full window's redo."""
+    assert fitted_transcript([ts(0), 1, 2], TB, 1.7, decode, finished=True, partial=True) == "w1 w2"
+    assert fitted_transcript([ts(0), 1, ts(1.0), ts(1.0), 2, 3], TB, 1.7, decode, finished=False,
+                             partial=True) == "w1 w2 w3"
+    # Still nothing from the padding, and no text is still no text.
+    assert fitted_transcript([ts(0), 1, ts(1.2), ts(1.65), 9], TB, 1.7, decode, finished=True, partial=True) == "w1"
+    assert fitted_transcript([ts(0)], TB, 1.7, decode, finished=True, partial=True) is None

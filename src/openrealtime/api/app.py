@@ -61,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
         first_chunk_words=settings.tts_first_words,
         speculative_prefill=settings.llm_prefill,
         speculative_generation=settings.llm_speculate,
+        prefill_words_ms=settings.llm_prefill_words_ms,
         speculate_after_ms=settings.stt_speculate_ms,
         partial_transcript_ms=settings.stt_partial_interval_ms,
         rate_limiter=RateLimiter(settings.rate_limit_requests_per_min, settings.rate_limit_tokens_per_min,

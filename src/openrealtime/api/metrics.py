@@ -98,6 +98,10 @@ class ServerCollector(Collector):
         yield CounterMetricFamily("openrealtime_events_received", "Client events received by sessions.",
                                   value=stats.events_received)
         yield _counter("openrealtime_errors_sent", "`error` events sent to clients, by code.", "code", stats.errors)
+        yield _counter("openrealtime_speculative_llm_requests",
+                       "Speculative LLM requests started, by kind: open (while the user speaks, the prompt up "
+                       "to their words so far), pause (at a pause, the whole prompt and with llm_speculate the "
+                       "reply).", "kind", stats.prefills)
         waits = GaugeMetricFamily(
             "openrealtime_queue_wait_level_seconds",
             f"Median wait of the requests each model (llm, stt, tts) started in the last "

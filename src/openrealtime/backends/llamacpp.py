@@ -49,6 +49,7 @@ import codecs
 import concurrent.futures
 import contextlib
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -124,6 +125,9 @@ DEFAULT_PARALLEL = 16
 DEFAULT_CACHE_CONTEXTS = 4
 # Decode steps with at least this many tokens use the batch thread count (see __init__).
 _BATCH_THREADS_MIN_TOKENS = 32
+# Marks where an open last message's text ends in its rendered prompt (private-use characters, which
+# no template writes).
+_CUT_MARK = "\ue000\ue001cut\ue001\ue000"
 # A shared prefix (system prompt) at least this long is copied from another slot, not evaluated.
 _MIN_SHARED_PREFIX = 16
 # A batch generates on every core once no speech model has computed for this long (see _decode_parts).
@@ -757,6 +761,22 @@ class LlamaCppBackend:
     def _prompt_tokens(self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None) -> list[int]:
         return self._tokenize(self.render_prompt(messages, tools))
 
+    def _open_prompt_tokens(self, messages: list[ChatMessage], tools: list[ToolSpec] | None = None) -> list[int]:
+        """The prompt up to the end of the last message's text (`GenerationParams.open_last`).
+
+        Cut where the template wrote that text, so whatever the template puts after it (its end of
+        turn, the assistant's header) is left out and any template works.
+        """
+        if not messages:
+            raise LLMError("An open prompt needs a last message", code="invalid_request")
+        last = messages[-1]
+        marked = [*messages[:-1], dataclasses.replace(last, content=last.content + _CUT_MARK)]
+        text = self.chat_template.render(marked, add_generation_prompt=False, tools=tools)
+        cut = text.find(_CUT_MARK)
+        if cut < 0:
+            raise LLMError("The chat template does not show the last message's text", code="chat_template_error")
+        return self._tokenize(text[:cut])
+
     def token_vocab(self) -> TokenVocab:
         """Token classes for guided decoding (compute thread; ~0.1-0.5 s once per model)."""
         if self._vocab is None:
@@ -886,7 +906,10 @@ class LlamaCppBackend:
         """The prompt's tokens (the chat template's errors and the context limit fail the request)."""
         tools, forced = _offered_tools(req.params)
         with self._model_lock:
-            tokens = self._prompt_tokens(req.messages, tools)
+            if req.params.open_last:
+                tokens = self._open_prompt_tokens(req.messages, tools)
+            else:
+                tokens = self._prompt_tokens(req.messages, tools)
         n_prompt, n_ctx = len(tokens), self.context_length
         if n_prompt >= n_ctx:
             raise LLMError(
@@ -1223,6 +1246,8 @@ class LlamaCppBackend:
             t_prompt = time.monotonic()
 
             cap = self.max_output_tokens if params.max_tokens is None else max(params.max_tokens, 0)
+            if params.open_last:
+                cap = 0  # the prompt stops inside a message: nothing to answer yet
             max_new = min(cap, n_ctx - n_prompt)
             rng = np.random.default_rng(params.seed) if params.seed is not None else self._rng
             cursor = _Cursor(self, req, max_new)

@@ -77,6 +77,10 @@ class GenerationParams:
     # The conversation this request continues (the engine's session id): backends that keep
     # per-conversation caches (llama.cpp slots) give its requests the same one. None: match by prefix.
     cache_key: str | None = None
+    # The last message is still being written (a user turn still being spoken): evaluate the prompt
+    # only up to the end of its text so far, without the template's end of turn (with max_tokens=0;
+    # backends with `prefills` only). The finished prompt then goes on from what was evaluated.
+    open_last: bool = False
 
 
 @dataclass(slots=True)

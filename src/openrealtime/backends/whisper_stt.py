@@ -73,13 +73,15 @@ _MIN_AVG_LOGPROB = -1.0
 
 
 def fitted_transcript(tokens: list[int], timestamp_begin: int, duration: float,
-                      decode: Callable[[list[int]], str], *, finished: bool) -> str | None:
+                      decode: Callable[[list[int]], str], *, finished: bool, partial: bool = False) -> str | None:
     """The text of a timestamped decode of a fitted window, or None when it cannot be trusted.
 
     Segments are ``<|t0|> text <|t1|>``. One that opens within 0.1 s of the audio's end or after
     it is read from the silence padding (Whisper repeating itself): it and all after it are dropped,
     finished or not. Otherwise None when the decode hit its length bound (``finished`` False), ended
-    inside a segment, has text outside a segment, or has no text.
+    inside a segment, has text outside a segment, or has no text. `partial` (audio that stops
+    mid-speech, where Whisper often never closes the last segment): an unclosed or unfinished last
+    segment is kept.
     """
     texts: list[str] = []
     start: float | None = None
@@ -101,9 +103,11 @@ def fitted_transcript(tokens: list[int], timestamp_begin: int, duration: float,
         start = None
     else:
         if start is not None and text_tokens:  # the last segment never closed
-            return None
+            if not partial:
+                return None
+            texts.append(" ".join(decode(text_tokens).split()))
     kept = [t for t in texts if t]
-    return " ".join(kept) if kept and finished else None
+    return " ".join(kept) if kept and (finished or partial) else None
 
 
 def compression_ratio(text: str) -> float:
@@ -136,6 +140,8 @@ class WhisperSTT:
     sample_rate = SAMPLE_RATE
     # `transcribe(..., word_probabilities=True)` fills TranscriptDone.words (transcription logprobs).
     supports_word_probabilities = True
+    # `transcribe(..., partial=True)`: a quick guess at audio cut mid-speech (the prefill's words).
+    supports_partial = True
 
     def __init__(self, model_path: str | Path | None = None, *, device: str = "cpu",
                  compute_type: str = "int8", cpu_threads: int = 1, beam_size: int = 1,
@@ -215,22 +221,26 @@ class WhisperSTT:
     # --- public API ---
 
     async def transcribe(self, pcm16: bytes, *, language: str | None = None, prompt: str | None = None,
-                         word_probabilities: bool = False) -> AsyncIterator[TranscriptDelta | TranscriptDone]:
+                         word_probabilities: bool = False, partial: bool = False
+                         ) -> AsyncIterator[TranscriptDelta | TranscriptDone]:
         """Deltas per decoded segment, then one TranscriptDone; errors raise STTError.
 
         `word_probabilities`: also align words (faster-whisper's word_timestamps, roughly twice the
-        decode time) and report each word's probability in TranscriptDone.words.
+        decode time) and report each word's probability in TranscriptDone.words. `partial`: the
+        audio stops mid-speech and a quick guess will do: the fitted window only, its last segment
+        kept even unclosed, and an empty transcript rather than the full window's ~10x longer
+        decode (which the fitted one, cut mid-word, would fall back to).
         """
-        async for event in self._run(pcm16, language, prompt, words=word_probabilities):
+        async for event in self._run(pcm16, language, prompt, words=word_probabilities, partial=partial):
             yield event
 
     async def _run(self, pcm16: bytes, language: str | None, prompt: str | None, *, force: bool = False,
-                   words: bool = False) -> AsyncIterator[TranscriptDelta | TranscriptDone]:
+                   words: bool = False, partial: bool = False) -> AsyncIterator[TranscriptDelta | TranscriptDone]:
         def skipped() -> None:
             self.stats["skipped"] += 1
 
         async for event in self._worker.stream(
-                lambda emit: self._decode(pcm16, language, prompt, emit, force, words),
+                lambda emit: self._decode(pcm16, language, prompt, emit, force, words, partial),
                 passthrough=STTError, failure=lambda exc: STTError(f"Transcription failed: {exc}"),
                 on_skip=skipped):
             yield event
@@ -238,7 +248,8 @@ class WhisperSTT:
     # --- decoding (worker thread) ---
 
     def _decode(self, pcm16: bytes, language: str | None, prompt: str | None,
-                emit: Callable[[Any], None], force: bool, words: bool = False) -> Iterator[None]:
+                emit: Callable[[Any], None], force: bool, words: bool = False,
+                partial: bool = False) -> Iterator[None]:
         """One worker step per decoded segment (a 30 s window); none after the last one, so the
         final TranscriptDone is sent in the same step as the last delta."""
         audio = np.frombuffer(pcm16[: len(pcm16) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
@@ -251,7 +262,11 @@ class WhisperSTT:
             return
         t0 = time.monotonic()
         if self.window == "fit" and not words and lang is not None and duration <= FIT_MAX_S:
-            text = self._decode_fitted(model, audio, duration, lang, prompt)
+            text = self._decode_fitted(model, audio, duration, lang, prompt, partial)
+            if text is None and partial:
+                self.stats["completed"] += 1
+                emit(TranscriptDone("", lang, duration, None))
+                return
             if text is not None:
                 logger.debug("Transcribed %.2fs of audio in %.2fs (fitted window): %r", duration,
                              time.monotonic() - t0, text)
@@ -294,7 +309,7 @@ class WhisperSTT:
         emit(TranscriptDone(final, info.language or lang, duration, probabilities if words else None))
 
     def _decode_fitted(self, model: Any, audio: np.ndarray, duration: float, language: str,
-                       prompt: str | None) -> str | None:
+                       prompt: str | None, partial: bool = False) -> str | None:
         """Greedy timestamped decode on a window of the audio plus FIT_PAD_S; None: use the full one."""
         from faster_whisper.tokenizer import Tokenizer
 
@@ -312,7 +327,7 @@ class WhisperSTT:
                                       return_scores=True)[0]
         tokens = result.sequences_ids[0]
         text = fitted_transcript(tokens, tokenizer.timestamp_begin, duration, tokenizer.decode,
-                                 finished=len(tokens) < max_new)
+                                 finished=len(tokens) < max_new, partial=partial)
         if text is None or compression_ratio(text) > _MAX_COMPRESSION_RATIO:
             return None
         avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)  # as faster-whisper's

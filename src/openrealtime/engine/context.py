@@ -55,6 +55,9 @@ class EngineContext:
     speculative_prefill: bool | str = False
     # The prefill also generates the reply, for the turn's response to adopt (engine/prefill.py).
     speculative_generation: bool = False
+    # While the user speaks, the words so far are transcribed every this many ms of new speech and
+    # read into the prompt (engine/prefill.py, `start_turn`; 0: only what precedes the words).
+    prefill_words_ms: int = 0
     # Quiet (ms) in a turn after which it is transcribed speculatively (engine/turns.py, SilenceBegan).
     speculate_after_ms: int = SPECULATE_AFTER_MS
     # Transcription sessions decode the utterance so far after each this many ms of new speech, to

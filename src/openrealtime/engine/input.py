@@ -182,17 +182,18 @@ class InputAudio:
         self._trim()
 
     def _partial_transcript(self) -> None:
-        """Transcription sessions: let the transcriber decode the utterance so far (it decides when).
+        """Let the transcriber decode the utterance so far (it decides when): for deltas in
+        transcription sessions, for the LLM's prefill in realtime ones.
 
         Not in a pause: the speculative decode of the turn so far is running then.
         """
         item_id = self._speech_item_id
-        if self.s.config.type != "transcription" or item_id is None or not self.speaking \
-                or self._speculation is not None:
+        if item_id is None or not self.speaking or self._speculation is not None:
             return
         start = self._speech_start_ms - self._padding()
-        self.s.transcriber.partial(item_id, self.total_ms - self._speech_start_ms,
-                                   lambda: self.segment(start, self.total_ms))
+        partial = self.s.transcriber.partial if self.s.config.type == "transcription" \
+            else self.s.transcriber.partial_words
+        partial(item_id, self.total_ms - self._speech_start_ms, lambda: self.segment(start, self.total_ms))
 
     def _mean_square(self, start_ms: float, end_ms: float) -> float:
         frame = np.frombuffer(self.segment(start_ms, end_ms), dtype="<i2").astype(np.float64)
@@ -267,12 +268,15 @@ class InputAudio:
             self.s.emit(ev.InputAudioBufferSpeechStarted(audio_start_ms=event.start_ms,
                                                          item_id=self._speech_item_id))
             await self.s.on_user_speech(interrupt=bool(td and td.interrupt_response))
+            if self._speech_item_id is not None and self.s.config.type == "realtime":
+                self.s.prefill.start_turn()  # while the user speaks, the LLM reads up to their words
         elif isinstance(event, TurnCheck):
             await self._check_turn(event)
         elif isinstance(event, SilenceBegan):
             if self._speech_item_id is None:  # the turn was already committed
                 return
             self._cancel_speculation()
+            self.s.transcriber.drop_words(forget=False)  # the decode at the pause goes first
             pcm = self.segment(self._speech_start_ms - self._padding(), event.speech_end_ms)
             self._speculation = (event.speech_end_ms, self.s.transcriber.speculate(pcm))
             if self.s.config.type == "realtime":  # a transcription session never prompts the LLM
@@ -290,6 +294,7 @@ class InputAudio:
                                                    else now - (event.end_ms - event.speech_end_ms) / 1000)}
             item_id = self._speech_item_id or new_id("item")
             self._speech_item_id = None
+            self.s.transcriber.drop_words()
             self.s.emit(ev.InputAudioBufferSpeechStopped(audio_end_ms=event.end_ms, item_id=item_id))
             pcm = self.segment(self._speech_start_ms - self._padding(), event.end_ms)
             self.drop_until(event.end_ms)

@@ -16,6 +16,14 @@ difference (another transcript, a client's own response.create, MCP tools) and t
 cancelled and the response asks for itself. The waste is bounded by the pause: the user speaking
 again cancels it (engine/input.py).
 
+The turn's first tokens go in even sooner: when the user starts speaking, the prompt up to the
+start of their message (the end of the reply before, the template's user header; on a first turn,
+the instructions and tools too) is evaluated as an open prompt (``open_last``), and while they go on
+speaking, the words so far (a partial transcript every ``prefill_words_ms`` of speech,
+engine/transcription.py), so at the end of the turn only the last words and the assistant's header
+are left. This runs while the user speaks, when the LLM is idle, so it pays for semantic_vad as
+well; words that the final transcript does not repeat are only cache it is cut back from.
+
 Only backends that keep a cache per conversation (``prefills = True``: the in-process llama.cpp
 backend) are asked; a remote provider would bill a request for nothing.
 """
@@ -73,15 +81,41 @@ class SpeculativePrefill:
         self._task: asyncio.Task[None] | None = None
         self._evaluating = False  # the prefill's LLM request is under way
         self._generation: _Generation | None = None  # what it writes, for the response to adopt
+        self._open = False  # the task is `start_turn`'s
+        self._prefills: tuple[str | None, bool] | None = None  # (model, its backend prefills), once known
 
     def start(self, transcript: asyncio.Task, *, semantic: bool = False) -> None:
         """Prefill once the speculative transcript `transcript` (a Transcriber task) is ready;
         `semantic`: the turn is decided by semantic_vad (see `prefill_wanted`)."""
-        self.cancel()
         if not prefill_wanted(self.s.ctx.speculative_prefill, semantic=semantic):
+            if not self._open:  # an open prefill is never stale: it reads only what precedes the turn
+                self.cancel()
             return
+        self.cancel()
         self._evaluating = False
         self._task = asyncio.create_task(self._run(transcript), name=f"prefill-{self.s.id}")
+
+    def wants_words(self) -> bool:
+        """Whether `start_turn` would evaluate anything now (the partial transcripts it reads cost
+        a decode each: not for nothing)."""
+        s = self.s
+        if not s.ctx.speculative_prefill or s.transcription_only or s.responding or s.closed:
+            return False
+        known = self._prefills
+        if known is not None and known[0] == s.config.model and not known[1]:
+            return False  # a remote model: nothing to prefill
+        td = s.config.audio.input.turn_detection
+        return td is not None and td.create_response  # else the client decides when (and whether) to answer
+
+    def start_turn(self, words: str = "") -> None:
+        """The user is speaking (`words`: what they said so far, if known): evaluate the prompt up
+        to there (see the module doc). Not while a response holds the session's cache slot, nor
+        with `llm_prefill` off."""
+        if not self.wants_words():
+            return
+        self.cancel()
+        self._evaluating, self._open = False, True
+        self._task = asyncio.create_task(self._run_open(words), name=f"prefill-open-{self.s.id}")
 
     def turn_committed(self) -> None:
         """The turn is confirmed: a prefill still waiting for its transcript would only start when
@@ -93,7 +127,7 @@ class SpeculativePrefill:
     def cancel(self) -> asyncio.Task[None] | None:
         """Stop the prefill (the user went on, or a response starts); returns its task to await."""
         task, self._task = self._task, None
-        self._generation = None
+        self._generation, self._open = None, False
         if task is not None and not task.done():
             task.cancel()
         return task
@@ -113,6 +147,31 @@ class SpeculativePrefill:
             return None
         self._task, self._generation = None, None  # the response owns it now
         return _relay(task, gen.events)
+
+    async def _run_open(self, words: str) -> None:
+        """The open prompt of `start_turn`: the conversation, then the user message so far."""
+        s = self.s
+        try:
+            model = s.config.model
+            llm = await s.ctx.resolve_llm(model)
+            self._prefills = (model, bool(getattr(llm, "prefills", False)))
+            if not self._prefills[1]:
+                return
+            spec = resolve(s, None)
+            if not spec.in_conversation:
+                return
+            messages = [*prompt_messages(spec.instructions, list(s.conversation)),
+                        ChatMessage(role="user", content=words)]
+            params = dataclasses.replace(generation_params(spec, s.id), max_tokens=0, open_last=True)
+            self._evaluating = True
+            s.ctx.stats.prefills["open"] += 1
+            async with contextlib.aclosing(llm.stream(messages, params)) as stream:
+                async for _ in stream:
+                    pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a hint only, as in _run
+            log.debug("session %s: open prefill skipped: %s", self.s.id, exc)
 
     async def _run(self, transcript: asyncio.Task) -> None:
         gen: _Generation | None = None  # local: once adopted, self._generation is no longer it
@@ -139,6 +198,7 @@ class SpeculativePrefill:
             else:
                 params = dataclasses.replace(params, max_tokens=0)
             self._evaluating = True
+            s.ctx.stats.prefills["pause"] += 1
             async with contextlib.aclosing(llm.stream(messages, params)) as stream:
                 async for event in stream:
                     if gen is not None:

@@ -390,6 +390,11 @@ class RealtimeSession:
         """A transcription session: audio in, transcripts out, never a response."""
         return self.config.type == "transcription"
 
+    @property
+    def responding(self) -> bool:
+        """A response of the conversation is under way (its LLM request holds the session's cache slot)."""
+        return self._active is not None
+
     def request_auto_response(self) -> None:
         """A turn ended under turn detection: answer now, or right after the current response."""
         if self.transcription_only:

@@ -31,6 +31,8 @@ class EngineStats:
         self.responses: Counter[str] = Counter({status: 0 for status in RESPONSE_STATUSES})
         self.errors: Counter[str] = Counter()
         self.sessions_started: Counter[str] = Counter({t: 0 for t in TRANSPORTS})
+        # Speculative LLM requests (engine/prefill.py): "open" while the user speaks, "pause" at a pause.
+        self.prefills: Counter[str] = Counter({"open": 0, "pause": 0})
         self._active: dict[str, set[str]] = {t: set() for t in TRANSPORTS}
 
     def session_started(self, session_id: str, transport: str) -> None:

@@ -8,6 +8,9 @@ Transcription sessions also stream deltas while the user is still speaking: ever
 `partial_transcript_ms` of new speech the utterance so far is decoded again (at most one such
 decode per session, and only while no other transcription is under way anywhere, so they never
 delay a turn), and the words two consecutive decodes agree on are sent (engine/live_transcript.py).
+Realtime sessions with a local LLM decode the utterance so far the same way (every
+`prefill_words_ms`), but only for the LLM to read the words ahead of the end of the turn
+(engine/prefill.py); nothing is sent, and the turn's own transcript is the final decode alone.
 With `include: ["item.input_audio_transcription.logprobs"]` the deltas and `completed` carry one
 log probability per word, when the STT backend reports them (local Whisper does).
 """
@@ -49,6 +52,15 @@ class _Live:
     task: asyncio.Task | None = None
 
 
+@dataclass(slots=True)
+class _Words:
+    """The utterance being spoken in a realtime session, decoded for the LLM's prefill."""
+
+    item_id: str
+    decoded_ms: float = 0.0  # speech covered by the latest partial decode started
+    task: asyncio.Task | None = None
+
+
 class Transcriber:
     def __init__(self, session: RealtimeSession):
         self.s = session
@@ -56,6 +68,7 @@ class Transcriber:
         self._tasks: set[asyncio.Task] = set()
         self.finished_at: dict[str, float] = {}  # item id -> when its transcript was ready
         self._live: _Live | None = None
+        self._words_so_far: _Words | None = None
 
     def _spawn(self, coro, name: str) -> asyncio.Task:
         task = asyncio.create_task(coro, name=name)
@@ -68,12 +81,15 @@ class Transcriber:
         """Logprobs were asked for and the backend can give them (word probabilities)."""
         return self.s.config.logprobs and bool(getattr(self.s.ctx.stt, "supports_word_probabilities", False))
 
-    async def _run(self, pcm16k: bytes, *, final: bool = True) -> Transcript:
+    async def _run(self, pcm16k: bytes, *, final: bool = True, guess: bool = False) -> Transcript:
+        """`guess`: words for the prefill only (`partial_words`): the backend's quick partial decode."""
         stt = self.s.ctx.stt
         if stt is None:
             raise STTError("No speech-to-text backend is configured on this server.", code="stt_unavailable")
         cfg = self.s.config.audio.input.transcription
-        options: dict[str, Any] = {"word_probabilities": True} if self._logprobs else {}
+        options: dict[str, Any] = {"word_probabilities": True} if self._logprobs and not guess else {}
+        if guess:
+            options["partial"] = True
         deltas: list[str] = []
         done: TranscriptDone | None = None
         load = self.s.ctx.stt_load
@@ -117,18 +133,25 @@ class Transcriber:
         if live is None or live.item_id != item_id:
             self.drop_live()
             live = self._live = _Live(item_id, StableTranscript())
+        self._decode_again(live, speech_ms, interval, lambda: self._partial(live, audio()), "stt-partial")
+
+    def _decode_again(self, state: _Live | _Words, speech_ms: float, interval: int,
+                      decode: Callable[[], Any], name: str) -> None:
+        """Start `decode` (a partial decode of the utterance `state` follows) if none is under way,
+        `interval` ms of new speech came since the last, and no transcription runs anywhere."""
         load = self.s.ctx.stt_load
-        if live.task is not None or speech_ms - live.decoded_ms < interval or load.final or load.partial:
+        if state.task is not None or speech_ms - state.decoded_ms < interval or load.final or load.partial:
             return
-        live.decoded_ms = speech_ms
+        state.decoded_ms = speech_ms
         load.partial += 1
-        live.task = self._spawn(self._partial(live, audio()), f"stt-partial-{item_id}")
+        task = state.task = self._spawn(decode(), f"{name}-{state.item_id}")
 
         def finished(_: asyncio.Task) -> None:  # also when cancelled before it ever ran
             load.partial -= 1
-            live.task = None
+            if state.task is task:
+                state.task = None
 
-        live.task.add_done_callback(finished)
+        task.add_done_callback(finished)
 
     async def _partial(self, live: _Live, pcm16k: bytes) -> None:
         try:
@@ -150,6 +173,46 @@ class Transcriber:
         live, self._live = self._live, None
         if live is not None and live.task is not None:
             live.task.cancel()
+        self.drop_words()
+
+    # ------------------------------------------------------------------ words for the LLM while speaking
+
+    def partial_words(self, item_id: str, speech_ms: float, audio: Callable[[], bytes]) -> None:
+        """Realtime sessions: speech of `item_id` goes on (`speech_ms` so far); decode it again for
+        the prefill if it is time (the same rules as `partial`: one at a time, an idle STT only)."""
+        interval, stt = self.s.ctx.prefill_words_ms, self.s.ctx.stt
+        if interval <= 0 or not getattr(stt, "supports_partial", False) or not self.s.prefill.wants_words():
+            return
+        words = self._words_so_far
+        if words is None or words.item_id != item_id:
+            self.drop_words()
+            words = self._words_so_far = _Words(item_id)
+        self._decode_again(words, speech_ms, interval, lambda: self._partial_words(words, audio()), "stt-words")
+
+    async def _partial_words(self, words: _Words, pcm16k: bytes) -> None:
+        try:
+            result = await self._run(pcm16k, final=False, guess=True)
+        except STTError as exc:
+            log.debug("partial transcription of %s failed: %s", words.item_id, exc)
+            return
+        if self._words_so_far is not words or self.s.closed:
+            return
+        # The audio stops mid-word: the last word is likely cut (and its "." invented), so the
+        # LLM reads the words before it.
+        said = result.done.text.split()[:-1]
+        log.debug("session %s: words so far of %s at %.0f ms of speech: %r", self.s.id, words.item_id,
+                  words.decoded_ms, " ".join(said))
+        if said:
+            self.s.prefill.start_turn(" ".join(said))
+
+    def drop_words(self, *, forget: bool = True) -> None:
+        """Stop decoding the utterance for the prefill: the turn ended (`forget`), or a pause began
+        (the next decode then still waits for `prefill_words_ms` of new speech)."""
+        words = self._words_so_far
+        if forget:
+            self._words_so_far = None
+        if words is not None and words.task is not None:
+            words.task.cancel()
 
     def _take_live(self, item_id: str) -> _Live | None:
         live = self._live

@@ -45,6 +45,17 @@ def invalid_events(events: list[dict]) -> list[tuple[str | None, str]]:
     return invalid
 
 
+def assert_answered(response: dict) -> None:
+    """A response ran to its end: completed, or cut at the reply cap.
+
+    The test model (smollm2-135m, sampled at the default temperature) now and then loops on one
+    sentence until max_output_tokens; that is a normal answer, not a failed or cancelled one.
+    """
+    status, details = response["status"], response.get("status_details") or {}
+    assert status == "completed" or (status == "incomplete" and details.get("reason") == "max_output_tokens"), \
+        response
+
+
 def client(server: Server, key: str | None = None) -> AsyncOpenAI:
     """The official SDK pointed at our server (HTTP and WebSocket)."""
     return AsyncOpenAI(api_key=key or server.api_key, base_url=f"{server.base_url}/v1",

@@ -17,7 +17,7 @@ import websockets
 
 from openrealtime.transports.sideband import MAX_SIDEBANDS_PER_CALL
 
-from .conftest import Server, assert_valid_server_event, client, collect, start_server, stop_server
+from .conftest import Server, assert_answered, assert_valid_server_event, client, collect, start_server, stop_server
 from .test_tools import RESULT, WEATHER, user
 from .webrtc_client import Peer, hangup, http, open_call
 
@@ -72,7 +72,7 @@ async def test_sideband_answers_the_tool_call_of_a_browser_call(server: Server):
                 "type": "function_call_output", "call_id": call["call_id"], "output": RESULT})
             await sideband.response.create(response={"tool_choice": "none", "output_modalities": ["text"]})
             answer = (await peer.collect("response.done"))[-1]["response"]
-            assert answer["status"] == "completed", answer
+            assert_answered(answer)
             (message,) = answer["output"]
             assert message["type"] == "message" and message["role"] == "assistant"
             assert message["content"][0]["text"].strip()

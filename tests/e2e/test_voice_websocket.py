@@ -12,7 +12,7 @@ import pytest
 
 from tests.audio_fixtures import silence, speak
 
-from .conftest import Server, assert_valid_server_event, client
+from .conftest import Server, assert_answered, assert_valid_server_event, client
 
 pytestmark = pytest.mark.e2e
 RATE = 24_000
@@ -107,7 +107,7 @@ async def test_spoken_question_gets_a_spoken_answer(server: Server):
     final = next(e for e in rec.events if e["type"] == "response.output_audio_transcript.done")["transcript"]
     assert transcript == final and final.strip()
     response = done["response"]
-    assert response["status"] == "completed", response
+    assert_answered(response)
     assert response["output"][0]["content"][0] == {"type": "output_audio", "transcript": final}
     assert len(rec.audio) // 48 > 300 and rms(bytes(rec.audio)) > 300  # audible speech arrived
 

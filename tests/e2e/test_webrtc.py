@@ -12,7 +12,7 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
-from .conftest import Server
+from .conftest import Server, assert_answered
 from .webrtc_client import LOCATION, Peer, answer_of, hangup, http, open_call, wait_for_log
 
 pytestmark = pytest.mark.e2e
@@ -82,7 +82,7 @@ async def test_text_turn_over_the_data_channel(server: Server):
         deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
         assert "".join(deltas).strip()
         done = events[-1]["response"]
-        assert done["status"] == "completed", done
+        assert_answered(done)
         assert done["output"][0]["content"][0]["text"] == "".join(deltas)
         assert not [e for e in events if e["type"] == "error"], events
     finally:

@@ -3,10 +3,12 @@
 Every question of the voice and tool-call benches (plus a few longer sentences) is spoken by two
 voices (the bundled Piper voice and espeak-ng), clean and mixed into 10 dB babble, with 200 ms of
 silence before and 500 ms after (as a voice turn hands it over). Each utterance goes through the
-server's own backend (``WhisperSTT``: tiny.en, int8, beam 1, one thread) twice: ``window="full"``
-and ``window="fit"`` (the default). Prints one table; writes bench/results/stt_window.json.
+server's own backend (``WhisperSTT``: tiny.en, int8, beam 1, one thread) with ``window="full"``
+and with ``window="fit"`` for each padding ladder of ``--pads`` (default: ``3`` alone, and the
+backend's default ladder; ``3,8`` tries 3 s of silence after the audio, then 8 s, then the full
+window). Prints one table; writes bench/results/stt_window.json.
 
-    .venv/bin/python bench/stt_window.py
+    .venv/bin/python bench/stt_window.py --pads 3 6 3,8
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tool_cases import CASES  # noqa: E402
 from voice_latency import QUESTIONS  # noqa: E402
 
 from openrealtime.backends.speech import TranscriptDone  # noqa: E402
-from openrealtime.backends.whisper_stt import WhisperSTT  # noqa: E402
+from openrealtime.backends.whisper_stt import FIT_PADS_S, WhisperSTT  # noqa: E402
 from tests import noise_fixtures as nf  # noqa: E402
 from tests.audio_fixtures import espeak, espeak_available, silence, speak  # noqa: E402
 
@@ -69,26 +71,31 @@ async def transcribe(stt: WhisperSTT, pcm: bytes) -> tuple[str, float]:
     return text, time.monotonic() - t0
 
 
-async def run(voices: list[str], snrs: list[float | None]) -> dict[str, Any]:
-    backends = {"full": WhisperSTT(window="full"), "fit": WhisperSTT(window="fit")}
+def ladder_name(pads: tuple[float, ...]) -> str:
+    return "fit " + "+".join(f"{p:g}" for p in pads)
+
+
+async def run(voices: list[str], snrs: list[float | None], ladders: list[tuple[float, ...]]) -> dict[str, Any]:
+    backends = {"full": WhisperSTT(window="full"),
+                **{ladder_name(pads): WhisperSTT(window="fit", fit_pads=pads) for pads in ladders}}
     for stt in backends.values():
         await stt.warmup()
     rows: list[dict[str, Any]] = []
     for text, voice, snr, pcm in utterances(voices, snrs):
         row: dict[str, Any] = {"text": text, "voice": voice, "snr_db": snr, "audio_s": len(pcm) / 2 / RATE}
         for name, stt in backends.items():
-            before = stt.stats["refitted"]
+            before, repadded = stt.stats["refitted"], stt.stats["repadded"]
             hypothesis, seconds = await transcribe(stt, pcm)
             row[name] = {"text": hypothesis, "seconds": seconds, "errors": nf.word_errors(text, hypothesis)[0],
-                         "refitted": stt.stats["refitted"] > before}
+                         "refitted": stt.stats["refitted"] > before, "repadded": stt.stats["repadded"] > repadded}
         row["words"] = nf.word_errors(text, "")[1]
         rows.append(row)
     for stt in backends.values():
         await stt.close()
-    return {"rows": rows, "fit_stats": backends["fit"].stats}
+    return {"rows": rows, "stats": {name: stt.stats for name, stt in backends.items()}}
 
 
-def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summary(rows: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         noise = "clean" if row["snr_db"] is None else f"{row['snr_db']:g} dB babble"
@@ -99,11 +106,14 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for label, group in groups.items():
         words = sum(r["words"] for r in group)
         entry: dict[str, Any] = {"set": label, "utterances": len(group)}
-        for name in ("full", "fit"):
-            entry[f"wer_{name}"] = sum(r[name]["errors"] for r in group) / max(1, words)
-            entry[f"median_s_{name}"] = statistics.median(r[name]["seconds"] for r in group)
-            entry[f"mean_s_{name}"] = statistics.fmean(r[name]["seconds"] for r in group)
-        entry["refitted"] = sum(r["fit"]["refitted"] for r in group)
+        for name in names:
+            entry[name] = {
+                "wer": sum(r[name]["errors"] for r in group) / max(1, words),
+                "median_s": statistics.median(r[name]["seconds"] for r in group),
+                "mean_s": statistics.fmean(r[name]["seconds"] for r in group),
+                "max_s": max(r[name]["seconds"] for r in group),
+                "repadded": sum(r[name]["repadded"] for r in group),
+                "refitted": sum(r[name]["refitted"] for r in group)}
         out.append(entry)
     return out
 
@@ -112,18 +122,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--voices", nargs="+", default=["piper", "espeak"], choices=["piper", "espeak"])
     parser.add_argument("--clean-only", action="store_true", help="no babble rows")
+    parser.add_argument("--pads", nargs="+", default=["3", ",".join(f"{p:g}" for p in FIT_PADS_S)],
+                        help="padding ladders of the fitted rows, seconds: 3 / 6 / 3,8 (default: 3, and the default)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stt_window.json")
     args = parser.parse_args()
     voices = [v for v in args.voices if v != "espeak" or espeak_available()]
     snrs: list[float | None] = [None] if args.clean_only else [None, 10.0]
-    result = asyncio.run(run(voices, snrs))
-    table = summary(result["rows"])
-    print(f"{'set':<24} {'n':>4} {'WER full':>9} {'WER fit':>8} {'median s full':>14} {'median s fit':>13} "
-          f"{'mean s full':>12} {'mean s fit':>11} {'refitted':>9}")
+    ladders = list(dict.fromkeys(tuple(float(p) for p in spec.split(",")) for spec in args.pads))
+    result = asyncio.run(run(voices, snrs, ladders))
+    names = ["full", *(ladder_name(pads) for pads in ladders)]
+    table = summary(result["rows"], names)
+    print(f"{'set':<24} {'n':>4} {'window':<10} {'WER':>6} {'median s':>9} {'mean s':>7} {'max s':>6} "
+          f"{'repadded':>9} {'refitted':>9}")
     for e in table:
-        print(f"{e['set']:<24} {e['utterances']:>4} {e['wer_full']:>9.3f} {e['wer_fit']:>8.3f} "
-              f"{e['median_s_full']:>14.3f} {e['median_s_fit']:>13.3f} {e['mean_s_full']:>12.3f} "
-              f"{e['mean_s_fit']:>11.3f} {e['refitted']:>9}")
+        for name in names:
+            v = e[name]
+            print(f"{e['set']:<24} {e['utterances']:>4} {name:<10} {v['wer']:>6.3f} {v['median_s']:>9.3f} "
+                  f"{v['mean_s']:>7.3f} {v['max_s']:>6.3f} {v['repadded']:>9} {v['refitted']:>9}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"summary": table, **result}, indent=1))
     print(f"wrote {args.out}")

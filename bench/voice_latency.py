@@ -2,8 +2,10 @@
 
 Runs the real server (offline stack, default the 0.5B model), speaks several questions into it in
 real time over WebRTC (aiortc peer, Opus both ways) and WebSocket (openai SDK, PCM deltas), and
-measures at the client. The per-stage waterfall comes from the server's `turn-timing` log lines,
-whose monotonic timestamps share this machine's clock with the client.
+measures at the client (a WebSocket reply counts as played from its first delta on, so silence at
+the start of its audio is waited through as over WebRTC). The per-stage waterfall comes from the
+server's `turn-timing` log lines, whose monotonic timestamps share this machine's clock with the
+client.
 
 Prints one table and writes JSON to bench/results/.
 """
@@ -42,6 +44,7 @@ QUESTIONS = [
     "What do bees make?",
 ]
 AUDIBLE_RMS = 300.0  # PCM16 RMS above this counts as reply speech, not silence or codec noise
+FRAME_BYTES_24K = 480 * 2  # 20 ms of 24 kHz PCM16: WebSocket audio is judged per frame, as WebRTC's
 STAGES = ["speech_stopped", "stt_done", "prompt_ready", "llm_first_token", "first_clause",
           "tts_first_chunk", "audio_out"]
 
@@ -171,11 +174,21 @@ async def websocket_turns(server: Server, questions: list[bytes], silence_ms: in
         async def reader() -> None:
             async for event in conn:
                 if event.type == "response.output_audio.delta":
+                    # Played as it arrives, from the first delta on: a sample is heard no sooner
+                    # than its arrival, nor than its place in the stream after playback began
+                    # (so silence at the start of the audio counts, as it does over WebRTC).
+                    now = time.monotonic()
                     chunk = base64.b64decode(event.delta)
+                    if not state["pcm"]:
+                        state["playing_from"] = now
+                    if state["first_audible"] is None:
+                        for i in range(0, len(chunk), FRAME_BYTES_24K):
+                            if rms(chunk[i:i + FRAME_BYTES_24K]) > AUDIBLE_RMS:
+                                offset_s = (len(state["pcm"]) + i) / 48_000
+                                state["first_audible"] = max(now, state["playing_from"] + offset_s)
+                                break
                     state["audio_ms"] += len(chunk) // 48
                     state["pcm"] += chunk
-                    if state["first_audible"] is None and rms(chunk) > AUDIBLE_RMS:
-                        state["first_audible"] = time.monotonic()
                 elif event.type == "response.output_audio_transcript.done":
                     state["transcript"] += event.transcript
                 elif event.type == "response.done":

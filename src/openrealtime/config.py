@@ -179,6 +179,9 @@ class Settings(BaseSettings):
     # Words after which a reply's first piece goes to speech synthesis when no punctuation came
     # yet (0: wait for the first comma or sentence end): the first audio waits for a few tokens.
     tts_first_words: int = Field(default=4, ge=0, le=50)
+    # Cut the synthesized silence (|sample| <= 32) before a reply's first word (to 5 ms) and after
+    # a piece cut mid-sentence (to 20 ms): Piper starts every run with 25-45 ms of it.
+    tts_trim_silence: bool = True
     # semantic_vad's end-of-turn model: smart-turn v3 (the ONNX file the pipecat-ai wheel ships).
     turn_detector_enabled: bool = True
     turn_detector_model: str | None = None  # a smart-turn v3 ONNX file; default: pipecat-ai's

@@ -227,6 +227,25 @@ async def test_stt_fits_the_window_to_a_short_utterance(stt: WhisperSTT) -> None
     assert done.words and stt.stats["fitted"] - before["fitted"] == fitted
 
 
+# Clips on which a 3 s padding made Whisper tiny.en repeat the question in one segment that never
+# closed (the fitted decode of 6 of 72 lead/tail variants of the voice bench's questions on an AMD
+# EPYC), which cost a full-window redo (0.6-0.9 s in a voice turn): (text, ms before, ms after).
+UNCLOSED_AT_3S = [("How many days are there in a week?", 0, 150), ("How many days are there in a week?", 0, 250),
+                  ("How many days are there in a week?", 0, 350), ("Tell me something about the moon.", 200, 350),
+                  ("What do bees make?", 200, 350), ("What do bees make?", 200, 500)]
+
+
+async def test_stt_tries_a_longer_padding_before_the_full_window(stt: WhisperSTT) -> None:
+    """The fitted decode is tried again on 6 s of padding; the full window is the last resort."""
+    assert stt.fit_pads == (3.0, 6.0)
+    before = dict(stt.stats)
+    for text, lead, tail in UNCLOSED_AT_3S:
+        _, done = await transcribe(stt, silence(lead, 16000) + speak(text, 16000) + silence(tail, 16000))
+        assert words(done.text) == words(text), (text, lead, tail, done.text)
+    gained = {k: stt.stats[k] - before[k] for k in ("fitted", "repadded", "refitted")}
+    assert gained["fitted"] == len(UNCLOSED_AT_3S) and gained["refitted"] == 0, gained
+
+
 async def test_stt_redoes_an_untrusted_fitted_decode_on_the_full_window(
         stt: WhisperSTT, monkeypatch: pytest.MonkeyPatch) -> None:
     from openrealtime.backends import whisper_stt

@@ -59,6 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
         voice_aliases={k.strip().lower(): v for k, v in settings.voice_aliases.items()},
         strict_names=settings.strict_names,
         first_chunk_words=settings.tts_first_words,
+        trim_tts_silence=settings.tts_trim_silence,
         speculative_prefill=settings.llm_prefill,
         speculative_generation=settings.llm_speculate,
         prefill_words_ms=settings.llm_prefill_words_ms,

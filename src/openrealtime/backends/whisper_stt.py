@@ -25,13 +25,17 @@ models anyway.
 
 Fitted window (``window="fit"``, the default): the encoder's cost is that of its 30 s window, not
 of the speech in it, and CTranslate2's encoder accepts a shorter one. An utterance of up to
-``FIT_MAX_S`` is therefore encoded with just its audio plus ``FIT_PAD_S`` of silence and decoded
-with timestamps (bench/stt_window.py, 200 utterances: median 0.53 -> 0.07 s). Whisper was trained
-on whole windows, so on a short one it may not end its text; the timestamps show where it is:
+``FIT_MAX_S`` is therefore encoded with just its audio plus 3 s of silence and decoded with
+timestamps (bench/stt_window.py, 200 utterances: median 0.53 -> 0.07 s). Whisper was trained on
+whole windows, so on a short one it may not end its text; the timestamps show where it is:
 segments that open at the end of the audio or later are dropped, and a result that is unfinished,
-repetitive (compression ratio) or unlikely (mean log-probability) is decoded again on the full
-window (7 of the 200). The cost in accuracy on those 200 (two voices, clean and in 10 dB babble):
-word error rate 0.212 -> 0.224; clean Piper speech 0.087 -> 0.101.
+repetitive (compression ratio) or unlikely (mean log-probability) is decoded again with 6 s of
+silence, and only then on the full window. The unfinished ones were mostly the question repeated
+inside one segment that never closed, which the longer padding ends: on 100 Piper utterances
+(clean and in 10 dB babble, AMD EPYC, 2026-12-06) the 3 s padding alone redid 2 on the full
+window (the slowest decode 0.83 s), the ladder none (0.31 s), at the same word error rate (0.172;
+0.158 on the full window). The cost in accuracy of the fitted window on 200 (two voices, clean
+and in 10 dB babble): word error rate 0.212 -> 0.224; clean Piper speech 0.087 -> 0.101.
 """
 
 from __future__ import annotations
@@ -61,10 +65,12 @@ _TEMPERATURES = (0.0, 0.4, 0.8)
 # A segment ending this close to the end of the audio is the last window's (its end is rounded to
 # 10 ms frames): no worker step boundary after it.
 _LAST_WINDOW_SLACK_S = 0.5
-# Fitted window: utterances up to FIT_MAX_S are encoded with FIT_PAD_S of silence after them (less
-# padding made more results unfinished; more made them no better, and costs encoder time).
+# Fitted window: utterances up to FIT_MAX_S are encoded with FIT_PADS_S[0] of silence after them,
+# and a rejected decode is tried again with each later padding before the full window. Less
+# padding makes more decodes unfinished (Whisper repeats the utterance inside one segment that
+# never closes); more costs encoder time. bench/stt_window.py has the figures.
 FIT_MAX_S = 27.0
-FIT_PAD_S = 3.0
+FIT_PADS_S = (3.0, 6.0)
 _FRAMES_PER_S = 100  # Whisper's log-mel hop: 10 ms
 _SECONDS_PER_TIMESTAMP = 0.02
 # faster-whisper's own fallback thresholds for a decode (repetition, low confidence).
@@ -146,18 +152,22 @@ class WhisperSTT:
     def __init__(self, model_path: str | Path | None = None, *, device: str = "cpu",
                  compute_type: str = "int8", cpu_threads: int = 1, beam_size: int = 1,
                  name: str | None = None, prepare: Callable[[], Path] | None = None,
-                 window: str = "fit"):
+                 window: str = "fit", fit_pads: tuple[float, ...] = FIT_PADS_S):
         """Cheap: the model is loaded on the worker thread by ``warmup()`` or the first request.
 
         Only a local directory is accepted: given a bare name, faster-whisper would download from
         the Hugging Face Hub, which this server must never do. ``prepare`` (a registry model,
         ``whisper_models.ensure_stt_model``) makes the directory on the worker thread before the
         first load, so building a server never waits for joining and hashing its parts.
-        ``window``: "fit" (utterances up to FIT_MAX_S on a window fitted to them) or "full".
+        ``window``: "fit" (utterances up to FIT_MAX_S on a window fitted to them) or "full";
+        ``fit_pads``: the silence after the audio of each fitted decode tried, in order.
         """
         if window not in ("fit", "full"):
             raise ValueError(f"window must be 'fit' or 'full', not {window!r}")
+        if window == "fit" and (not fit_pads or min(fit_pads) <= 0):
+            raise ValueError(f"fit_pads must be positive seconds, not {fit_pads!r}")
         self.window = window
+        self.fit_pads = tuple(fit_pads)
         self._prepare = prepare
         if prepare is not None:
             resolved: Path | None = Path(model_path) if model_path is not None else None
@@ -180,8 +190,9 @@ class WhisperSTT:
         self._model: Any = None
         self._worker = WorkerThread("whisper-stt", queue="stt")
         # Diagnostics: transcriptions finished, abandoned by their consumer, and dropped while queued.
-        # `fitted`: decoded on a fitted window; `refitted`: decoded again on the full one.
-        self.stats = {"completed": 0, "cancelled": 0, "skipped": 0, "fitted": 0, "refitted": 0}
+        # `fitted`: decoded on a fitted window (`repadded`: of those, not on the first padding);
+        # `refitted`: decoded again on the full one.
+        self.stats = {"completed": 0, "cancelled": 0, "skipped": 0, "fitted": 0, "repadded": 0, "refitted": 0}
 
     # --- loading (worker thread) ---
 
@@ -262,7 +273,14 @@ class WhisperSTT:
             return
         t0 = time.monotonic()
         if self.window == "fit" and not words and lang is not None and duration <= FIT_MAX_S:
-            text = self._decode_fitted(model, audio, duration, lang, prompt, partial)
+            text = None
+            pads = self.fit_pads[:1] if partial else self.fit_pads  # a guess is not worth a second try
+            for attempt, pad in enumerate(pads):
+                text = self._decode_fitted(model, audio, duration, lang, prompt, partial, pad,
+                                           last=attempt == len(pads) - 1 and not force)
+                if text is not None:
+                    self.stats["repadded"] += attempt > 0
+                    break
             if text is None and partial:
                 self.stats["completed"] += 1
                 emit(TranscriptDone("", lang, duration, None))
@@ -309,11 +327,16 @@ class WhisperSTT:
         emit(TranscriptDone(final, info.language or lang, duration, probabilities if words else None))
 
     def _decode_fitted(self, model: Any, audio: np.ndarray, duration: float, language: str,
-                       prompt: str | None, partial: bool = False) -> str | None:
-        """Greedy timestamped decode on a window of the audio plus FIT_PAD_S; None: use the full one."""
+                       prompt: str | None, partial: bool = False, pad_s: float = FIT_PADS_S[0], *,
+                       last: bool = False) -> str | None:
+        """Greedy timestamped decode on a window of the audio plus `pad_s`; None: try another.
+
+        `last`: no fitted decode follows, so a rejection is logged (the full-window redo costs
+        5-10x as much).
+        """
         from faster_whisper.tokenizer import Tokenizer
 
-        frames = min(3000, math.ceil((duration + FIT_PAD_S) * _FRAMES_PER_S / 2) * 2)
+        frames = min(3000, math.ceil((duration + pad_s) * _FRAMES_PER_S / 2) * 2)
         padded = np.zeros(frames * SAMPLE_RATE // _FRAMES_PER_S, dtype=np.float32)
         padded[: audio.size] = audio
         features = model.feature_extractor(padded)[:, :frames]
@@ -328,10 +351,14 @@ class WhisperSTT:
         tokens = result.sequences_ids[0]
         text = fitted_transcript(tokens, tokenizer.timestamp_begin, duration, tokenizer.decode,
                                  finished=len(tokens) < max_new, partial=partial)
-        if text is None or compression_ratio(text) > _MAX_COMPRESSION_RATIO:
-            return None
         avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)  # as faster-whisper's
-        return text if avg_logprob >= _MIN_AVG_LOGPROB else None
+        if text is not None and compression_ratio(text) <= _MAX_COMPRESSION_RATIO and avg_logprob >= _MIN_AVG_LOGPROB:
+            return text
+        if last and not partial:
+            logger.info("fitted-window decodes of %.2fs rejected, the last (%s): %r", duration,
+                        "unfinished" if text is None else f"ratio {compression_ratio(text):.2f}, "
+                        f"logprob {avg_logprob:.2f}", tokenizer.decode_with_timestamps(tokens))
+        return None
 
     def _check_language(self, model: Any, language: str | None) -> str | None:
         code = normalize_language(language)

@@ -50,6 +50,8 @@ class EngineContext:
     strict_names: bool = False
     # A reply's first piece is spoken after this many words even without punctuation (0: off).
     first_chunk_words: int = 0
+    # Cut the TTS's silence before a reply's first word and around a clause cut mid-sentence.
+    trim_tts_silence: bool = False
     # Evaluate the next prompt during the silence wait (engine/prefill.py): True, False, or "auto"
     # (server_vad turns only).
     speculative_prefill: bool | str = False

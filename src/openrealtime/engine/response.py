@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..audio.codecs import encode_from_pcm16
 from ..audio.output import OUTPUT_RATE
+from ..audio.quiet import LeadTrimmer, split_tail, tail_keep_bytes
 from ..audio.resample import StreamResampler
 from ..backends.llm import (
     ChatMessage,
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 Status = Literal["in_progress", "completed", "cancelled", "incomplete", "failed"]
 # Size of each `response.output_audio.delta` (WebSocket): small enough to start playback early.
 DELTA_MS = 200
+# A clause ending like this ends on a pause the TTS should keep; any other was cut mid-sentence.
+_PAUSE_AFTER = re.compile(r"[.!?…,;:\u2014\u2013][\"')\]]*\s*$")
 # Generations one response may run after MCP calls (each continues with the results); the last
 # one may not call again, so a model that keeps calling still ends.
 MAX_MCP_ROUNDS = 4
@@ -294,6 +298,7 @@ class ResponseRun:
         self._args: dict[int, list[str]] = {}
         self._closed: set[str] = set()  # ids of output items already done
         self.audio = SpokenAudio()
+        self._joins_next = False  # the last clause spoken was cut mid-sentence
         tts_rate = session.ctx.tts.sample_rate if session.ctx.tts else OUTPUT_RATE
         self._resampler = StreamResampler(tts_rate, OUTPUT_RATE)
         self._g711_resampler = StreamResampler(OUTPUT_RATE, 8000)
@@ -697,16 +702,31 @@ class ResponseRun:
         return result[0] if result else None
 
     async def _speak(self, item: Item, clause: str) -> None:
+        """Synthesize one clause and play it, without the TTS's silence where it only delays or gaps
+        the reply (audio/quiet.py): before the first word, and around a cut mid-sentence."""
         tts = self.session.ctx.tts
         assert tts is not None
         start = self.audio.ms
         self._text.append(clause)
         self.session.emit(ev.ResponseOutputAudioTranscriptDelta(**self._part_ids(item), delta=clause))
         self.marks.setdefault("first_clause", time.monotonic())
+        trim = self.session.ctx.trim_tts_silence
+        lead = LeadTrimmer(tts.sample_rate) if trim and (not self.audio.clauses or self._joins_next) else None
+        # A clause cut mid-sentence (`tts_first_words`) ends on at most TAIL_KEEP_MS of silence:
+        # each chunk's trailing quiet is held back until more sound follows it.
+        self._joins_next = trim and not _PAUSE_AFTER.search(clause)
+        quiet = b""
         async with contextlib.aclosing(
                 tts.synthesize(speakable(clause), voice=self.spec.voice, speed=self.spec.speed)) as chunks:
             async for chunk in chunks:
+                if lead is not None:
+                    chunk = lead.process(chunk)
+                if self._joins_next:
+                    body, after = split_tail(chunk)
+                    chunk, quiet = (quiet + body, after) if body else (b"", quiet + after)
                 self._play(item, self._resampler.process(chunk))
+        if quiet:
+            self._play(item, self._resampler.process(quiet[:tail_keep_bytes(tts.sample_rate)]))
         self.audio.clauses.append((start, self.audio.ms, clause))
 
     def _play(self, item: Item, pcm24: bytes, final: bool = False) -> None:

@@ -110,6 +110,11 @@ async def test_spoken_question_gets_a_spoken_answer(server: Server):
     assert_answered(response)
     assert response["output"][0]["content"][0] == {"type": "output_audio", "transcript": final}
     assert len(rec.audio) // 48 > 300 and rms(bytes(rec.audio)) > 300  # audible speech arrived
+    # The reply starts on its first word: Piper's 25-45 ms of silence before it are cut to 5 ms
+    # (tts_trim_silence; the resampler's ramp adds a sample or two).
+    samples = np.frombuffer(bytes(rec.audio), dtype="<i2").astype(np.int32)
+    lead_ms = int(np.flatnonzero(np.abs(samples) > 32)[0]) * 1000 // RATE
+    assert lead_ms <= 10, lead_ms
 
 
 async def test_barge_in_and_client_truncation(server: Server):

@@ -15,6 +15,8 @@ import re
 import time
 from typing import Any
 
+import av
+import numpy as np
 import pytest
 from aioice import Connection
 from aioice.ice import get_host_addresses
@@ -494,3 +496,23 @@ async def test_audio_only_and_channel_only_offers() -> None:
                 await pc.close()
     finally:
         await _no_leaks(manager)
+
+
+def test_the_fast_audio_level_equals_aiortcs() -> None:
+    """audio_level_dbov replaces aiortc's per-sample Python loop; it must give the same levels."""
+    import aiortc.rtp
+
+    from openrealtime.transports.webrtc import AIORTC_AUDIO_LEVEL as original
+    from openrealtime.transports.webrtc import audio_level_dbov, use_fast_audio_level
+
+    assert original is not None and original.__module__ == "aiortc.rtp"
+    rng = np.random.default_rng(7)
+    for amplitude in (0, 1, 3, 40, 300, 3000, 32767):
+        for _ in range(5):
+            data = rng.integers(-amplitude, amplitude + 1, 960, dtype=np.int16)
+            frame = av.AudioFrame.from_ndarray(data.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate = 48_000
+            assert audio_level_dbov(frame) == original(frame), amplitude
+    loudest = av.AudioFrame.from_ndarray(np.full((1, 960), -32768, np.int16), format="s16", layout="mono")
+    assert audio_level_dbov(loudest) == original(loudest) == 0
+    assert use_fast_audio_level() and aiortc.rtp.compute_audio_level_dbov is audio_level_dbov

@@ -70,13 +70,18 @@ async def test_sideband_answers_the_tool_call_of_a_browser_call(server: Server):
 
             await sideband.conversation.item.create(item={
                 "type": "function_call_output", "call_id": call["call_id"], "output": RESULT})
-            await sideband.response.create(response={"tool_choice": "none", "output_modalities": ["text"]})
-            answer = (await peer.collect("response.done"))[-1]["response"]
+            # Both sides are read at once: the SDK's socket stops reading (pongs included) once 16
+            # messages wait, so a sideband left unread through a long answer dies of a ping timeout.
+            await sideband.response.create(response={"tool_choice": "none", "output_modalities": ["text"],
+                                                     "max_output_tokens": 300})
+            caller_events, sideband_events = await asyncio.gather(
+                peer.collect("response.done"), collect(sideband, "response.done"))
+            answer = caller_events[-1]["response"]
             assert_answered(answer)
             (message,) = answer["output"]
             assert message["type"] == "message" and message["role"] == "assistant"
             assert message["content"][0]["text"].strip()
-            sideband_answer = (await collect(sideband, "response.done"))[-1]["response"]
+            sideband_answer = sideband_events[-1]["response"]
             assert sideband_answer["id"] == answer["id"]
             assert not any(e["type"] == "response.output_audio.delta" for e in events)
 

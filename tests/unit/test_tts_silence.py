@@ -92,7 +92,7 @@ async def test_a_reply_starts_on_its_first_word_and_a_mid_sentence_cut_has_no_pa
     assert len(trimmed) == len(plain)
 
 
-async def test_silence_is_kept_when_trimming_is_off_or_the_clause_ends_on_punctuation() -> None:
+async def test_the_pauses_after_punctuation_are_kept() -> None:
     words = ["Yes, ", "of ", "course. ", "Bye."]
     trimmed = gaps_ms(await spoken_reply(True, words, first_words=4))
     assert trimmed[0] <= 6 and all(g >= 139 for g in trimmed[1:-1]), trimmed

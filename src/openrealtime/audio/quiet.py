@@ -18,6 +18,11 @@ LEAD_KEEP_MS = 5  # kept before the first sound, so an onset is never clipped
 TAIL_KEEP_MS = 20  # kept after the last sound, for the decay below QUIET
 
 
+def _loud(samples: np.ndarray) -> np.ndarray:
+    """Indices of the samples above QUIET."""
+    return np.flatnonzero(np.abs(samples.astype(np.int32)) > QUIET)
+
+
 class LeadTrimmer:
     """Drops leading quiet samples of one stream of PCM16 chunks, up to its first sound.
 
@@ -35,7 +40,7 @@ class LeadTrimmer:
         if self.done or not pcm16:
             return pcm16
         samples = np.frombuffer(pcm16, dtype="<i2", count=len(pcm16) // 2)
-        loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > QUIET)
+        loud = _loud(samples)
         joined = np.concatenate([self._quiet, samples])
         if not loud.size:  # still silence: keep only its last few ms, in case sound follows
             keep = min(self._keep, joined.size)
@@ -53,7 +58,7 @@ class LeadTrimmer:
 def split_tail(pcm16: bytes) -> tuple[bytes, bytes]:
     """(the chunk up to its last sound, the quiet samples after it); ("", chunk) if all quiet."""
     samples = np.frombuffer(pcm16, dtype="<i2", count=len(pcm16) // 2)
-    loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > QUIET)
+    loud = _loud(samples)
     end = int(loud[-1]) + 1 if loud.size else 0
     return pcm16[: end * 2], pcm16[end * 2: samples.size * 2]
 

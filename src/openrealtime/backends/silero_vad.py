@@ -14,8 +14,9 @@ Where the work runs: on one thread of its own (``_Worker``), never on the event 
 costs ~0.05 ms alone, but with the LLM on both cores a call inline on the loop took ~0.27 ms, and
 at 16 WebRTC calls (500 frames a second) that was 18% of the loop's time (py-spy), time every
 call's paced audio waits for. ``asyncio.to_thread`` would cost the loop about as much per call
-(~0.1-0.2 ms), so the worker takes jobs from a ``queue.SimpleQueue`` (a put is ~1 µs) and hands
-the result back with ``call_soon_threadsafe``; onnxruntime releases the GIL while it runs.
+(~0.1-0.2 ms), so the worker takes jobs from a ``queue.SimpleQueue`` and hands the result back
+with ``call_soon_threadsafe``; onnxruntime releases the GIL while it runs. (The ~0.27 ms comes
+from py-spy's wall-clock samples, so it includes the time the loop waited for a core.)
 """
 
 from __future__ import annotations

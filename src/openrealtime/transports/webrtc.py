@@ -68,10 +68,11 @@ _MIN_PUSH_MS = 20
 # SCTP's max-message-size when the peer's SDP does not say (RFC 8841).
 _DEFAULT_PEER_MAX_MESSAGE = 65536
 _JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
+# RFC 6465 audio level: full scale, and the floor (dBov) of silence.
 _MAX_SAMPLE = 32767
+_MIN_AUDIO_LEVEL = -127
 # aiortc's own, kept before `use_fast_audio_level` replaces it (the tests compare the two).
 AIORTC_AUDIO_LEVEL = getattr(aiortc_rtp, "compute_audio_level_dbov", None)
-_MIN_AUDIO_LEVEL = -127
 
 
 def shorten_input_jitter_buffer(pc: RTCPeerConnection, frames: int) -> None:
